@@ -1,0 +1,176 @@
+"""Typed run configuration: dataclasses, filled from YAML files and `--set a.b=value` overrides.
+
+YAML only sets values; every field, its type and its default live here. Mistakes (unknown key,
+wrong type, bad value) raise `ConfigError` with one line naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from abscot_jax.model.config import ConfigError
+
+
+@dataclasses.dataclass
+class ModelSection:
+    hf_dir: str = ""  # base model: an HF directory or an Orbax checkpoint from convert/hf_to_flax.py
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # none | layer
+    attention_impl: str = "xla"
+    add_abstract_vocab: bool = True  # extend the tokenizer and (re)initialise the new rows
+    new_row_sigma: float = 0.02
+
+
+@dataclasses.dataclass
+class LoRASection:
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.0
+    targets: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclasses.dataclass
+class OptimSection:
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainSection:
+    mode: str = "lora"  # lora | full
+    train_embedding: bool = False  # full mode: also train the (whole) embedding / head
+    seq_len: int = 1024
+    batch_size: int = 4  # packed rows per optimizer step and micro-batch (global)
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # 0 = run the epochs through
+    seed: int = 0
+    loss_chunk: int = 1024  # tokens per chunk of the cross-entropy (never the full [B, T, V] logits)
+    loss_on_trace: bool = True
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+
+@dataclasses.dataclass
+class MeshSection:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            (self.train.mode in ("lora", "full"), "train.mode must be 'lora' or 'full'"),
+            (self.train.seq_len >= 16, "train.seq_len must be >= 16"),
+            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (self.train.loss_chunk >= 1, "train.loss_chunk must be >= 1"),
+            (self.lora.rank >= 1, "lora.rank must be >= 1"),
+            (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+            (self.optim.learning_rate > 0, "optim.learning_rate must be > 0"),
+            (0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _closest(key: str, valid) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _coerce(value, hint, where: str):
+    """Check/convert a YAML value against a field's type hint."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads "3e-4" as a string
+        except ValueError:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in hints:
+            raise ConfigError(f"unknown config key {where!r}{_closest(key, hints)}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    path, raw = item.split("=", 1)
+    return path.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=RunConfig):
+    """Read a YAML file (optional) and apply `a.b=value` overrides (values parsed as YAML scalars)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return _build(cls, data).validate()
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,133 @@
+"""Offline fixtures: a byte-level BPE tokenizer with Qwen3's special tokens and chat template, and
+random Qwen3 checkpoints of any shape, saved with transformers. Used by the tests and the demo
+(no hub access anywhere)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# Qwen2/3's pre-tokenisation: single digits, words with an optional leading non-letter, ...
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# A Qwen3-style chat template with the `enable_thinking` switch: thinking off pre-fills an empty
+# think block in the generation prompt, as Qwen3's own template does.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+_WORDS = (
+    "the a of to and is in that it for on with as are be this by what find how many sum total "
+    "number value answer step first then next so therefore let we compute add subtract multiply "
+    "divide equal equals result digits running mod modulo remainder problem solve question please "
+    "reason put your final within boxed think prime square root fraction triangle circle area angle "
+    "degrees length width height probability integer real positive negative even odd"
+).split()
+_SYMBOLS = list("0123456789+-*/=()[]{}^\\$.,:;!?<>|_'\"") + ["\\frac", "\\sqrt", "\\boxed", "\\pi", "\\cdot"]
+
+
+def _corpus(lines: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        n = rng.randint(4, 20)
+        parts = [rng.choice(_WORDS) if rng.random() < 0.6 else rng.choice(_SYMBOLS) for _ in range(n)]
+        out.append(" ".join(parts) + rng.choice(["", "\n", "\n\n", "."]))
+    return out
+
+
+def make_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 512, seed: int = 0):
+    """Train a byte-level BPE tokenizer offline; returns a `PreTrainedTokenizerFast` (saved if out_dir)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(3000, seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    # <think> and </think> are ordinary (non-special) added tokens in Qwen3: they survive decoding.
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def make_checkpoint(
+    out_dir: str | Path,
+    *,
+    vocab_size: int | None = None,
+    tokenizer_vocab_size: int = 512,
+    spare_rows: int = 128,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int | None = None,
+    tie_word_embeddings: bool = True,
+    rope_theta: float = 1_000_000.0,
+    max_shard_size: str | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    with_tokenizer: bool = True,
+) -> Path:
+    """A random Qwen3 HF checkpoint (+ tokenizer). The embedding has `spare_rows` rows beyond the
+    tokenizer's vocabulary, as Qwen3's real checkpoints do, unless `vocab_size` is given."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = make_tokenizer(out_dir if with_tokenizer else None, vocab_size=tokenizer_vocab_size, seed=seed)
+    if vocab_size is None:
+        vocab_size = len(tokenizer) + spare_rows
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim or hidden_size // num_attention_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_theta=rope_theta,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(getattr(torch, dtype))
+    # Random norm weights (not all ones) so that a swapped or missed norm shows in the logits.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out_dir), **kwargs)
+    return out_dir

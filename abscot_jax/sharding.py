@@ -1,0 +1,130 @@
+"""Device mesh, partition rules and multi-host start.
+
+Every parameter declares logical axes beside itself (`axes=` metadata in the model); the rules
+below map logical axes to the mesh axes `data`, `fsdp`, `tensor`. A dimension that the mesh axis
+does not divide stays replicated, so the same rules serve a 2-layer toy and Qwen3-4B.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the weights
+
+# logical axis -> mesh axis (None = replicated)
+LOGICAL_RULES = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "lora_rank": None,
+    "new_tokens": None,
+}
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one of them may be -1 to take the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError("mesh: at most one of data/fsdp/tensor may be -1")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"mesh {self} cannot fill {num_devices} devices: {num_devices} is not a multiple of {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+                f"but {num_devices} are available; set the sizes to multiply to {num_devices} (or use -1 for one axis)"
+            )
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = config.shape(len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec_for(axes: tuple[str | None, ...] | None, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for an array with the given logical axes; non-dividing axes stay replicated."""
+    if not axes:
+        return P()
+    used = set()
+    parts = []
+    for name, size in zip(axes, shape):
+        mesh_axis = LOGICAL_RULES.get(name) if name else None
+        if mesh_axis is None or mesh_axis in used or size % mesh.shape[mesh_axis]:
+            parts.append(None)
+        else:
+            parts.append(mesh_axis)
+            used.add(mesh_axis)
+    return P(*parts)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """NamedShardings matching an `nnx.State` (params or optimizer state), from the `axes` metadata.
+
+    Optimizer moments are Variables that inherit the metadata of their parameter, so the same
+    rules shard them like the parameter they follow.
+    """
+    def one(var):
+        if isinstance(var, nnx.Variable):
+            value = var.get_value() if hasattr(var, "get_value") else var.value
+            axes = var.get_metadata().get("axes")
+            spec = spec_for(axes, getattr(value, "shape", ()), mesh) if axes and np.ndim(value) else P()
+            return var.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def constrain_activations(x: jax.Array) -> jax.Array:
+    """Keep [B, T, ...] activations split over the batch axes when a mesh is set (no-op otherwise)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Start multi-host JAX from flags, else the environment (ABSCOT_COORDINATOR, ABSCOT_NUM_PROCESSES,
+    ABSCOT_PROCESS_ID), else the cluster environments jax detects itself (SLURM, ...).
+    Does nothing for a single process."""
+    coordinator_address = coordinator_address or os.environ.get("ABSCOT_COORDINATOR")
+    if num_processes is None and "ABSCOT_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["ABSCOT_NUM_PROCESSES"])
+    if process_id is None and "ABSCOT_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["ABSCOT_PROCESS_ID"])
+    if coordinator_address is None and num_processes is None:
+        if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            jax.distributed.initialize()  # jax reads SLURM's variables itself
+        return
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    log.info("process %d of %d started", jax.process_index(), jax.process_count())

@@ -1,0 +1,40 @@
+import os
+
+# Before jax is imported anywhere: 8 host devices for the sharding tests, CPU only, no network.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """A tied 2-layer random Qwen3 + tokenizer with spare embedding rows (like Qwen3-4B)."""
+    from abscot_jax.fixtures import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_tied"))
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_sharded_hf_dir(tmp_path_factory) -> Path:
+    """An untied random Qwen3 with head_dim != hidden/heads, saved as sharded safetensors."""
+    from abscot_jax.fixtures import make_checkpoint
+
+    return make_checkpoint(
+        tmp_path_factory.mktemp("tiny_untied"), tie_word_embeddings=False, head_dim=24,
+        num_key_value_heads=1, max_shard_size="100KB", seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_hf_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_hf_dir))
