@@ -45,6 +45,29 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
     ), schedule
 
 
+SUM_KEYS = ("nll", "weight", "trace_nll", "trace_weight", "answer_nll", "answer_weight")
+
+
+def accumulated_grads(model, wrt, batch: dict, key, chunk: int):
+    """Gradients of the summed loss over the micro-batches ([accum, B, T] arrays) and the summed
+    figures. Summing, then dividing once by the total weight, gives the exact token-mean of the
+    whole step whatever the micro-batch split."""
+    model_def, trainable, frozen = nnx.split(model, wrt, ...)
+
+    def loss_fn(trainable, micro_batch, micro_key):
+        sums = loss_sums(nnx.merge(model_def, trainable, frozen), micro_batch, chunk=chunk, dropout_key=micro_key)
+        return sums["nll"], sums
+
+    def accumulate(carry, xs):
+        i, micro_batch = xs
+        grads, sums = jax.grad(loss_fn, has_aux=True)(trainable, micro_batch, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, trainable), {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(batch["tokens"].shape[0]), batch))
+    return grads, sums
+
+
 @dataclasses.dataclass
 class TrainStep:
     """Holds the compiled step and the sharded state of (model, optimizer)."""
@@ -71,24 +94,7 @@ class TrainStep:
         def step(state, batch):
             model, optimizer = nnx.merge(graphdef, state)
             key = jax.random.fold_in(base_key, optimizer.step[...])
-
-            model_def, trainable, frozen = nnx.split(model, wrt, ...)
-
-            def loss_fn(trainable, micro_batch, micro_key):
-                sums = loss_sums(nnx.merge(model_def, trainable, frozen), micro_batch, chunk=chunk,
-                                 dropout_key=micro_key)
-                return sums["nll"], sums
-
-            def accumulate(carry, xs):
-                i, micro_batch = xs
-                grads, sums = jax.grad(loss_fn, has_aux=True)(trainable, micro_batch, jax.random.fold_in(key, i))
-                return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-            zero_grads = jax.tree.map(jnp.zeros_like, trainable)
-            zero_sums = {k: jnp.zeros((), jnp.float32) for k in
-                         ("nll", "weight", "trace_nll", "trace_weight", "answer_nll", "answer_weight")}
-            accum = batch["tokens"].shape[0]
-            (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), (jnp.arange(accum), batch))
+            grads, sums = accumulated_grads(model, wrt, batch, key, chunk)
             # Token-mean over everything in the step, whatever the micro-batch split.
             grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
             metrics = mean_losses(sums)
