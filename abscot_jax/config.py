@@ -62,7 +62,7 @@ class TrainSection:
     loss_on_trace: bool = True
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    log_every: int = 1
+    peak_tflops_per_device: float = 0.0  # for the MFU estimate; 0 = unknown (no MFU reported)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,198 @@
+"""The phase runner: epochs over packed examples, metrics, Orbax checkpoints, exact resume.
+
+A checkpoint holds what changes during training: the trainable parameters, the optimizer state
+(with its step) and the data iterator's position. The frozen base (LoRA mode) is not written again:
+it is whatever the phase started from. Dropout keys derive from (seed, step), so restoring the
+step restores the randomness. A resumed run is bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from abscot_jax.config import RunConfig
+from abscot_jax.data.pipeline import make_dataset
+from abscot_jax.train.step import BATCH_KEYS, TrainStep, trainable_filter
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def count_steps(examples, cfg: RunConfig) -> int:
+    """Optimizer steps for the configured epochs: packing decides how many rows there are."""
+    t = cfg.train
+    rows_per_step = t.batch_size * t.grad_accum
+    dataset = make_dataset(examples, batch_size=rows_per_step, seq_len=t.seq_len, seed=t.seed,
+                           num_epochs=t.epochs, shard_index=0, shard_count=1)
+    steps = sum(1 for _ in dataset)
+    return min(steps, t.max_steps) if t.max_steps else steps
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6 N (forward + backward of the matmuls) + causal attention, per trained token."""
+    c = model.config
+    n = sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    attention = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len  # QK^T and PV, causal half
+    return 6 * float(n) + attention
+
+
+class MetricsLog:
+    """metrics.jsonl (truncated to the resumed step, so a resumed log has no duplicates) + TensorBoard."""
+
+    def __init__(self, out_dir: Path, resume_step: int):
+        self.path = out_dir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                self.tb.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _global_batch(local: dict, grad_accum: int, mesh) -> dict:
+    """[accum * B_local, T] host rows -> [accum, B, T] arrays sharded over the batch axes."""
+    from abscot_jax.sharding import batch_sharding
+
+    spec = batch_sharding(mesh).spec
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
+    out = {}
+    for key in BATCH_KEYS:
+        x = local[key]
+        x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, x)
+    return out
+
+
+def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, progress: bool = True):
+    """Train `model` on `examples` (SequenceExample list) per cfg.train; resumes from out_dir's
+    latest checkpoint. Returns (trained model, summary dict)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    if t.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the process count {jax.process_count()}")
+    total_steps = count_steps(examples, cfg)
+    if total_steps == 0:
+        raise ValueError(f"{len(examples)} examples give no full batch of {t.batch_size * t.grad_accum} rows; "
+                         "lower train.batch_size / train.grad_accum or add data")
+    trainer = TrainStep.create(model, cfg.optim, t, total_steps, mesh, seed=t.seed)
+    local_rows = t.batch_size // jax.process_count() * t.grad_accum
+    data_iter = iter(make_dataset(examples, batch_size=local_rows, seq_len=t.seq_len, seed=t.seed,
+                                  num_epochs=t.epochs))
+
+    wrt = trainable_filter(t.mode, t.train_embedding)
+    manager = ocp.CheckpointManager(
+        (out_dir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True,
+                                             enable_async_checkpointing=False),
+    )
+
+    def saved_part():
+        model, optimizer = nnx.merge(trainer.graphdef, trainer.state)
+        return {"trainable": nnx.state(model, wrt).to_pure_dict(), "optimizer": nnx.state(optimizer).to_pure_dict()}
+
+    start = 0
+    restored_step = _restore_latest(manager, trainer, saved_part, data_iter, wrt)
+    if restored_step is not None:
+        start = restored_step
+        log.info("resumed from step %d", start)
+    metrics_log = MetricsLog(out_dir, start)
+    fpt = flops_per_token(model, t.seq_len)
+    peak = t.peak_tflops_per_device * 1e12 * jax.device_count()
+
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc=out_dir.name, leave=False)
+    first_loss = None
+    last = {}
+    for step in range(start, total_steps):
+        tick = time.perf_counter()
+        batch = _global_batch(next(data_iter), t.grad_accum, mesh)
+        metrics = {k: float(v) for k, v in trainer(batch).items()}
+        elapsed = time.perf_counter() - tick
+        if not math.isfinite(metrics["loss"]):
+            latest = manager.latest_step()
+            manager.close()
+            raise TrainingDiverged(
+                f"loss is {metrics['loss']} at step {step + 1}; stopped. Last good checkpoint: "
+                f"{'step ' + str(latest) if latest is not None else 'none'} in {out_dir / 'checkpoints'}; "
+                "lower optim.learning_rate or check the data")
+        record = {"step": step + 1, **metrics, "seconds": elapsed,
+                  "tokens_per_s": metrics["tokens"] / elapsed,
+                  "mfu": (metrics["tokens"] * fpt / elapsed / peak) if peak else None}
+        first_loss = first_loss if first_loss is not None else metrics["loss"]
+        last = record
+        metrics_log.write(record)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps:
+            _save(manager, step + 1, saved_part(), data_iter)
+    if bar:
+        bar.close()
+    metrics_log.close()
+    manager.close()
+    summary = {"steps": total_steps, "resumed_from": start, "first_loss": first_loss,
+               "final_loss": last.get("loss"), "final_trace_loss": last.get("trace_loss"),
+               "final_answer_loss": last.get("answer_loss")}
+    return trainer.model(), summary
+
+
+def _save(manager, step: int, state: dict, data_iter) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_iter.get_state()),
+    ))
+    manager.wait_until_finished()
+
+
+def _restore_latest(manager, trainer: TrainStep, saved_part, data_iter, wrt) -> int | None:
+    """Restore the newest readable checkpoint; a corrupt one is skipped with a warning."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved_part())
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
+            log.warning("checkpoint at step %d is unreadable (%s); trying an older one", step,
+                        str(e).splitlines()[0][:200])
+            continue
+        model, optimizer = nnx.merge(trainer.graphdef, trainer.state)
+        for module, part in ((model, "trainable"), (optimizer, "optimizer")):
+            state = nnx.state(module, wrt) if part == "trainable" else nnx.state(module)
+            state.replace_by_pure_dict(restored["state"][part])
+            nnx.update(module, state)
+        trainer.state = nnx.state((model, optimizer))
+        data_iter.set_state(restored["data"])
+        return step
+    return None
