@@ -1,0 +1,263 @@
+"""The report of a run directory: `report.md` and PNG plots, from the files the stages wrote.
+
+Reads (every piece optional; what is missing shows as "—"):
+
+    RUN/state.json                          {"config": {"name", "rounds", ...}, ...}
+    RUN/baseline/verbal/summary.json        evaluation summaries (abscot_jax.eval.evaluate)
+    RUN/baseline/direct/summary.json
+    RUN/round_T/phase_a/metrics.jsonl       one JSON a step: step, loss, trace_loss, answer_loss, ...
+    RUN/round_T/phase_b/metrics.jsonl
+    RUN/round_T/eval/summary.json
+
+Writes RUN/report.md, RUN/loss_curves.png and RUN/accuracy_vs_tokens.png (each under a temporary
+name, then renamed). Rounds are those with a round_T directory and 1..config.rounds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+DASH = "—"
+PHASES = ("a", "b")
+BASELINES = (("verbal", "Baseline (verbal CoT)"), ("direct", "Direct answer"))
+LOSS_PLOT, ACCURACY_PLOT = "loss_curves.png", "accuracy_vs_tokens.png"
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def _read_json(path: Path, problems: list[str]):
+    """The JSON object at `path`, or None when missing; an unreadable file is noted in `problems`."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"{path}: unreadable ({type(e).__name__}: {e})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: not a JSON object")
+        return None
+    return data
+
+
+def _read_metrics(path: Path, problems: list[str]) -> list[tuple[float, float]]:
+    """(step, loss) per well-formed line; malformed lines are skipped and counted."""
+    if not path.is_file():
+        return []
+    points, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step, loss = float(row["step"]), float(row["loss"])
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+            continue
+        if math.isfinite(loss):
+            points.append((step, loss))
+        else:
+            bad += 1
+    if bad:
+        problems.append(f"{path}: {bad} malformed or non-finite line(s) skipped")
+    return sorted(points)
+
+
+def _round_numbers(run_dir: Path, state: dict | None) -> list[int]:
+    found = {int(m.group(1)) for p in run_dir.iterdir() if p.is_dir() and (m := re.fullmatch(r"round_(\d+)", p.name))}
+    planned = (state or {}).get("config", {}).get("rounds") if isinstance((state or {}).get("config"), dict) else None
+    if isinstance(planned, int) and not isinstance(planned, bool) and 0 < planned < 1000:
+        found |= set(range(1, planned + 1))
+    return sorted(found)
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Everything the report shows, as plain data (missing pieces are None / empty)."""
+    run_dir = Path(run_dir)
+    problems: list[str] = []
+    state = _read_json(run_dir / "state.json", problems)
+    baselines = {mode: _read_json(run_dir / "baseline" / mode / "summary.json", problems) for mode, _ in BASELINES}
+    rounds = {}
+    for t in _round_numbers(run_dir, state):
+        rd = run_dir / f"round_{t}"
+        rounds[t] = {"eval": _read_json(rd / "eval" / "summary.json", problems),
+                     "losses": {ph: _read_metrics(rd / f"phase_{ph}" / "metrics.jsonl", problems) for ph in PHASES}}
+    name = (state or {}).get("config", {}).get("name") if isinstance((state or {}).get("config"), dict) else None
+    return {"name": name or run_dir.name, "baselines": baselines, "rounds": rounds, "problems": problems}
+
+
+# ---- formatting -------------------------------------------------------------------------------
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def fmt_accuracy(summary: dict | None) -> str:
+    """'62.0% [52.0%, 71.0%]' (the 95% CI), with pass@1 sd and errors when there are any."""
+    acc = _num((summary or {}).get("accuracy"))
+    if acc is None:
+        return DASH
+    text = f"{100 * acc:.1f}%"
+    ci = summary.get("accuracy_ci")
+    if isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+        text += f" [{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]"
+    p1 = summary.get("pass_at_1")
+    if isinstance(p1, dict) and _num(p1.get("sd")) is not None:
+        text += f" (k={summary.get('samples_per_problem')}, pass@1 sd {100 * p1['sd']:.1f}%)"
+    if _num(summary.get("errors")):
+        text += f" ({summary['errors']} failed)"
+    return text
+
+
+def _fmt(x, spec: str = ".1f") -> str:
+    x = _num(x)
+    return DASH if x is None else format(x, spec)
+
+
+def _histogram_text(hist: dict | None, width: int = 30) -> list[str]:
+    try:
+        edges, counts = hist["edges"], hist["counts"]
+    except (TypeError, KeyError):
+        return []
+    nonzero = [i for i, c in enumerate(counts) if c]
+    if not nonzero:
+        return []
+    top = max(counts)
+    lines = []
+    for i in range(nonzero[0], nonzero[-1] + 1):
+        bar = "#" * max(1 if counts[i] else 0, round(width * counts[i] / top))
+        lines.append(f"  [{edges[i]:>5g}, {edges[i + 1]:>5g})  {bar} {counts[i]}")
+    return lines
+
+
+def render_markdown(run: dict) -> str:
+    summaries = [s for s in run["baselines"].values() if s] + [r["eval"] for r in run["rounds"].values() if r["eval"]]
+    dataset = next((s["dataset"] for s in summaries if isinstance(s.get("dataset"), str)), "MATH-500")
+    out = [f"# Abstract-CoT run: {run['name']}", "", f"| Run | {dataset} acc | Mean tokens |", "|---|---|---|"]
+    for mode, label in BASELINES:
+        summary = run["baselines"][mode]
+        if summary is not None or mode == "verbal":  # the direct answer only when it was evaluated
+            out.append(f"| {label} | {fmt_accuracy(summary)} | {_fmt((summary or {}).get('mean_generated_tokens'))} |")
+    for t, r in run["rounds"].items():
+        out.append(f"| Round {t} (abstract) | {fmt_accuracy(r['eval'])} | "
+                   f"{_fmt((r['eval'] or {}).get('mean_generated_tokens'))} |")
+    out += ["", "Accuracy: mean over problems (and samples) with the 95% bootstrap CI over problems. Mean tokens: "
+            "everything generated (trace and its delimiters, answer, end of turn).", ""]
+
+    out += ["## Trace diagnostics", "",
+            "Accuracy with the model's own trace, a random trace of the same length and its own tokens shuffled; "
+            "a trace carries information only if own beats random by more than the CI.", "",
+            "| Round | Own trace | Random trace | Shuffled trace | Entropy (nats) | Distinct traces | Mean trace length | Verdict |",
+            "|---|---|---|---|---|---|---|---|"]
+    for t, r in run["rounds"].items():
+        d = (r["eval"] or {}).get("diagnostics")
+        if not isinstance(d, dict):
+            out.append(f"| {t} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} |")
+            continue
+        length = d.get("trace_length") or {}
+        ci = d.get("own_accuracy_ci") or [None, None]
+        out.append(
+            f"| {t} | {_fmt(d.get('own_accuracy'), '.3f')} [{_fmt(ci[0], '.3f')}, {_fmt(ci[1], '.3f')}] "
+            f"| {_fmt(d.get('random_accuracy'), '.3f')} | {_fmt(d.get('shuffled_accuracy'), '.3f')} "
+            f"| {_fmt(d.get('entropy_nats'), '.2f')} of {_fmt(d.get('entropy_max_nats'), '.2f')} "
+            f"| {d.get('distinct_traces', DASH)} of {d.get('n_traces', DASH)} | {_fmt(length.get('mean'))} "
+            f"(min {length.get('min', DASH)}, max {length.get('max', DASH)}) | {d.get('verdict', DASH)} |")
+
+    out += ["", "## Training loss (first and last step)", "",
+            "| Round | Phase A start | Phase A end | Phase B start | Phase B end |", "|---|---|---|---|---|"]
+    for t, r in run["rounds"].items():
+        cells = []
+        for ph in PHASES:
+            points = r["losses"][ph]
+            cells += [_fmt(points[0][1], ".4f"), _fmt(points[-1][1], ".4f")] if points else [DASH, DASH]
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+
+    out += ["", "## Trace lengths", ""]
+    for t, r in run["rounds"].items():
+        d = (r["eval"] or {}).get("diagnostics")
+        lines = _histogram_text(((d or {}).get("trace_length") or {}).get("histogram")) if isinstance(d, dict) else []
+        out += [f"Round {t}:", "```", *(lines or [f"  {DASH}"]), "```", ""]
+
+    out += ["## Plots", "", f"![Loss curves]({LOSS_PLOT})", "", f"![Accuracy vs mean tokens]({ACCURACY_PLOT})", ""]
+    if run["problems"]:
+        out += ["## Problems reading the run", "", *(f"- {p}" for p in run["problems"]), ""]
+    return "\n".join(out)
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_losses(run: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, ph in zip(axes, PHASES):
+        drawn = False
+        for t, r in run["rounds"].items():
+            points = r["losses"][ph]
+            if points:
+                ax.plot(*zip(*points), label=f"round {t}")
+                drawn = True
+        ax.set(title=f"Phase {ph.upper()}", xlabel="step", ylabel="loss")
+        if drawn:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_tokens(run: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def point(summary):
+        acc, tokens = _num((summary or {}).get("accuracy")), _num((summary or {}).get("mean_generated_tokens"))
+        return None if acc is None or tokens is None else (tokens, acc, (summary or {}).get("accuracy_ci"))
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    labelled = [(label, point(run["baselines"][mode])) for mode, label in BASELINES]
+    labelled += [(f"round {t}", point(r["eval"])) for t, r in run["rounds"].items()]
+    drawn = [(label, p) for label, p in labelled if p is not None]
+    for label, (tokens, acc, ci) in drawn:
+        err = None
+        if isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+            err = [[max(0.0, acc - ci[0])], [max(0.0, ci[1] - acc)]]
+        ax.errorbar([tokens], [acc], yerr=err, fmt="o", capsize=3)
+        ax.annotate(label, (tokens, acc), textcoords="offset points", xytext=(5, 5))
+    rounds = [p for label, p in drawn if label.startswith("round")]
+    if len(rounds) > 1:
+        ax.plot([p[0] for p in rounds], [p[1] for p in rounds], "--", color="grey")
+    if not drawn:
+        ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="mean generated tokens", ylabel="accuracy", title="Accuracy vs mean tokens")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report.md and the PNG plots; returns the report's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} not found")
+    run = load_run(run_dir)
+    plot_losses(run, run_dir / LOSS_PLOT)
+    plot_accuracy_vs_tokens(run, run_dir / ACCURACY_PLOT)
+    path = run_dir / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(render_markdown(run))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,109 @@
+"""The run report, from a synthetic run directory laid out as the round driver writes it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from abscot_jax.eval.evaluate import summarize
+from abscot_jax.report import write_report
+
+ABSTRACT_IDS = list(range(100, 164))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def metrics(losses, extra_line=None):
+    lines = [json.dumps({"step": i + 1, "loss": loss, "trace_loss": loss / 2, "answer_loss": loss / 2,
+                         "grad_norm": 1.0, "lr": 1e-4, "tokens": 100, "tokens_per_s": 10.0})
+             for i, loss in enumerate(losses)]
+    return "\n".join(lines + ([extra_line] if extra_line else [])) + "\n"
+
+
+def round_summary():
+    """A real evaluation summary (summarize), so the report reads exactly what evaluation writes."""
+    rows = [  # correct, trace, random, shuffled
+        (True, [100, 101, 102], False, True), (True, [100, 101, 103, 104], False, False),
+        (False, [105] * 6, False, False), (True, [100, 101, 102], True, True)]
+    records = [{"id": f"p{i}", "sample": 0, "level": 1, "subject": "Toy", "correct": c, "trace_ids": z,
+                "trace_length": len(z), "answer_length": 5, "generated_tokens": len(z) + 8, "finish_reason": "stop",
+                "error": None, "random_trace_correct": r, "shuffled_trace_correct": s}
+               for i, (c, z, r, s) in enumerate(rows)]
+    return {"dataset": "eval.jsonl", "mode": "abstract", **summarize(records, 1, abstract_ids=ABSTRACT_IDS)}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "demo_run"
+    write(run / "state.json", json.dumps({"done": {}, "config": {"name": "demo", "rounds": 3}}))
+    write(run / "baseline/verbal/summary.json", json.dumps(
+        {"dataset": "eval.jsonl", "accuracy": 0.62, "accuracy_ci": [0.52, 0.71], "mean_generated_tokens": 41.3,
+         "errors": 0, "diagnostics": None}))
+    write(run / "baseline/direct/summary.json", json.dumps(
+        {"dataset": "eval.jsonl", "accuracy": 0.1, "accuracy_ci": [0.05, 0.16], "mean_generated_tokens": 4.0,
+         "errors": 2}))
+    write(run / "round_1/phase_a/metrics.jsonl", metrics([2.5, 2.0, 1.25], extra_line="{truncated"))
+    write(run / "round_1/phase_b/metrics.jsonl", metrics([1.8, 0.9]))
+    write(run / "round_1/eval/summary.json", json.dumps(round_summary()))
+    write(run / "round_2/phase_a/metrics.jsonl", metrics([1.1, 1.0]))  # round 2 still training
+    return run
+
+
+def test_report_table_and_plots(run_dir):
+    path = write_report(run_dir)
+    assert path == run_dir / "report.md"
+    text = path.read_text()
+    s = round_summary()
+    lo, hi = s["accuracy_ci"]
+    assert s["accuracy"] == 0.75 and s["mean_generated_tokens"] == pytest.approx(12.0)
+    table = [
+        "| Run | eval.jsonl acc | Mean tokens |",
+        "|---|---|---|",
+        "| Baseline (verbal CoT) | 62.0% [52.0%, 71.0%] | 41.3 |",
+        "| Direct answer | 10.0% [5.0%, 16.0%] (2 failed) | 4.0 |",
+        f"| Round 1 (abstract) | 75.0% [{100 * lo:.1f}%, {100 * hi:.1f}%] | 12.0 |",
+        "| Round 2 (abstract) | — | — |",
+        "| Round 3 (abstract) | — | — |",  # planned in the config, not started
+    ]
+    assert "\n".join(table) in text
+    losses = ["| 1 | 2.5000 | 1.2500 | 1.8000 | 0.9000 |", "| 2 | 1.1000 | 1.0000 | — | — |", "| 3 | — | — | — | — |"]
+    assert "\n".join(losses) in text
+    d = s["diagnostics"]
+    assert d["random_accuracy"] == 0.25 and d["shuffled_accuracy"] == 0.5 and d["distinct_traces"] == 3
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | 0.750"))
+    for cell in ["| 0.250 |", "| 0.500 |", f"{d['entropy_nats']:.2f} of 4.16", "| 3 of 4 |", "4.0 (min 3, max 6)",
+                 d["verdict"]]:
+        assert cell in row
+    assert "| 2 | — | — | — | — | — | — | — |" in text
+    assert "[    3,     4)  ############################## 2" in text  # two traces of length 3
+    assert "round_1/phase_a/metrics.jsonl: 1 malformed or non-finite line(s) skipped" in text
+    for name in ("loss_curves.png", "accuracy_vs_tokens.png"):
+        data = (run_dir / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_report_of_an_empty_or_damaged_run(tmp_path, run_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = write_report(empty).read_text()
+    assert "| Run | MATH-500 acc | Mean tokens |\n|---|---|---|\n| Baseline (verbal CoT) | — | — |\n\n" in text
+    assert "Direct answer" not in text
+    write_report(run_dir)
+    assert (empty / "loss_curves.png").read_bytes() != (run_dir / "loss_curves.png").read_bytes()
+    assert (empty / "accuracy_vs_tokens.png").read_bytes() != (run_dir / "accuracy_vs_tokens.png").read_bytes()
+
+    write(run_dir / "round_1/eval/summary.json", "{not json")  # e.g. written by hand and broken
+    write(run_dir / "state.json", "[]")
+    text = write_report(run_dir).read_text()
+    assert "| Round 1 (abstract) | — | — |" in text and "Round 3" not in text  # rounds from directories only
+    assert "round_1/eval/summary.json: unreadable" in text and "state.json: not a JSON object" in text
+
+
+def test_report_needs_a_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        write_report(tmp_path / "missing")
