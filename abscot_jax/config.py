@@ -73,16 +73,69 @@ class MeshSection:
 
 
 @dataclasses.dataclass
+class DataSection:
+    train: str = "allenai/Dolci-Think-SFT-7B"  # Dolci-Think hub id or local JSONL/parquet file
+    eval: str = "HuggingFaceH4/MATH-500"  # MATH-500 hub id or a local file in its schema
+    examples_per_phase: int = 5000  # each round's Phase A and Phase B get their own disjoint subset
+    warmup_examples: int = 0  # > 0: first teach the base model the verbal-CoT format (the demo does)
+    max_rows: int = 0  # read at most this many training rows (0 = all)
+    system: str = ""  # training system line ("" = the rows' own messages)
+    cut_policy: str = "head_tail"  # drop | head | head_tail, when a Phase A CoT does not fit seq_len
+    m_max: int = 128
+
+
+@dataclasses.dataclass
+class SamplerSection:
+    engine: str = "jax"  # jax (in process) | hf | vllm (out of process, exported HF directories)
+    python: str = ""  # vllm: the Python of the environment that has vllm
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    trace_temperature: float = 1.0  # sampling the training traces (Phase A rounds >= 2, Phase B)
+    m_min: int = 1
+    max_batch: int = 32
+
+
+@dataclasses.dataclass
+class EvalSection:
+    limit: int = 0  # evaluate the first N problems (0 = all)
+    samples: int = 1  # samples per problem (pass@1 mean and sd when > 1)
+    m_min: int = 16
+    trace_temperature: float = 0.7
+    max_new_tokens: int = 2048
+    baselines: list[str] = dataclasses.field(default_factory=lambda: ["verbal"])  # of the starting model
+
+
+@dataclasses.dataclass
+class VariantsSection:
+    """Variants that give the trace a reason to carry information (docs/variants.md). The
+    defaults are the paper's method."""
+    bottleneck: str = "paper"  # paper (single-pass mask) | two_pass ([x; c; z] and [x; z; y], packed)
+    trace_selection: str = "none"  # none | best_of_k (Phase A traces, rounds >= 2)
+    k: int = 8  # best_of_k: candidates per example
+    select_phase_b: bool = False  # best_of_k: select the Phase B traces too
+    weight_by_score: bool = False  # best_of_k: train every candidate, weighted by softmax(scores)
+    round1_traces: str = "random"  # random (the paper's rule) | cot_codes (k-means codes of the CoT steps)
+    code_layer: int = -1  # cot_codes: layer of the step hidden states (-1 = middle, 0 = embeddings)
+    codes_per_step: int = 1  # cot_codes: residual-quantisation levels (tokens per step)
+
+
+@dataclasses.dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs"
+    rounds: int = 3
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     lora: LoRASection = dataclasses.field(default_factory=LoRASection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    sampler: SamplerSection = dataclasses.field(default_factory=SamplerSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    variants: VariantsSection = dataclasses.field(default_factory=VariantsSection)
 
     def validate(self) -> "RunConfig":
+        v = self.variants
         checks = [
             (self.train.mode in ("lora", "full"), "train.mode must be 'lora' or 'full'"),
             (self.train.seq_len >= 16, "train.seq_len must be >= 16"),
@@ -93,6 +146,24 @@ class RunConfig:
             (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
             (self.optim.learning_rate > 0, "optim.learning_rate must be > 0"),
             (0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
+            (self.rounds >= 1, "rounds must be >= 1"),
+            (self.data.examples_per_phase >= 1, "data.examples_per_phase must be >= 1"),
+            (self.sampler.engine in ("jax", "hf", "vllm"), "sampler.engine must be jax, hf or vllm"),
+            (self.sampler.engine != "vllm" or bool(self.sampler.python),
+             "sampler.engine=vllm needs sampler.python: the Python of an environment with vllm installed"),
+            (set(self.eval.baselines) <= {"verbal", "direct"}, "eval.baselines: a list of 'verbal' and 'direct'"),
+            (v.bottleneck in ("paper", "two_pass"), "variants.bottleneck must be 'paper' or 'two_pass'"),
+            (v.trace_selection in ("none", "best_of_k"),
+             "variants.trace_selection must be 'none' or 'best_of_k'"),
+            (v.k >= 1, "variants.k must be >= 1"),
+            (v.trace_selection == "best_of_k" or not (v.select_phase_b or v.weight_by_score),
+             "variants.select_phase_b and variants.weight_by_score need variants.trace_selection=best_of_k"),
+            (v.round1_traces in ("random", "cot_codes"),
+             "variants.round1_traces must be 'random' or 'cot_codes'"),
+            (v.code_layer >= -1, "variants.code_layer must be -1 (middle layer) or a layer number >= 0"),
+            (1 <= v.codes_per_step <= self.data.m_max, "variants.codes_per_step must be in [1, data.m_max]"),
+            (v.bottleneck != "two_pass" or self.train.loss_on_trace,
+             "variants.bottleneck=two_pass trains z in its trace pass: it needs train.loss_on_trace=true"),
         ]
         for ok, message in checks:
             if not ok:

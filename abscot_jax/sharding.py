@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from abscot_jax.model.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the weights
 
@@ -46,14 +48,14 @@ class MeshConfig:
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
         if sizes.count(-1) > 1:
-            raise ValueError("mesh: at most one of data/fsdp/tensor may be -1")
+            raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(f"mesh {self} cannot fill {num_devices} devices: {num_devices} is not a multiple of {known}")
+                raise ConfigError(f"mesh {self} cannot fill {num_devices} devices: {num_devices} is not a multiple of {known}")
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
                 f"but {num_devices} are available; set the sizes to multiply to {num_devices} (or use -1 for one axis)"
             )

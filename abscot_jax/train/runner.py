@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from abscot_jax.config import RunConfig
+from abscot_jax.model.config import ConfigError
 from abscot_jax.data.pipeline import make_dataset
 from abscot_jax.train.step import BATCH_KEYS, TrainStep, trainable_filter
 
@@ -52,18 +53,19 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, resume_step: int):
         self.path = out_dir / "metrics.jsonl"
-        kept = []
+        self.records = []  # every step's record so far, the resumed ones included
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            self.records = [r for r in map(json.loads, filter(str.strip, self.path.read_text().splitlines()))
+                            if r["step"] <= resume_step]
         self.tb = None
         if jax.process_index() == 0:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
+        self.records.append(record)
         if jax.process_index() != 0:
             return
         with self.path.open("a") as f:
@@ -98,10 +100,10 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
     out_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     if t.batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the process count {jax.process_count()}")
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the process count {jax.process_count()}")
     total_steps = count_steps(examples, cfg)
     if total_steps == 0:
-        raise ValueError(f"{len(examples)} examples give no full batch of {t.batch_size * t.grad_accum} rows; "
+        raise ConfigError(f"{len(examples)} examples give no full batch of {t.batch_size * t.grad_accum} rows; "
                          "lower train.batch_size / train.grad_accum or add data")
     trainer = TrainStep.create(model, cfg.optim, t, total_steps, mesh, seed=t.seed)
     local_rows = t.batch_size // jax.process_count() * t.grad_accum
@@ -133,8 +135,6 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=start, desc=out_dir.name, leave=False)
-    first_loss = None
-    last = {}
     for step in range(start, total_steps):
         tick = time.perf_counter()
         batch = _global_batch(next(data_iter), t.grad_accum, mesh)
@@ -150,8 +150,6 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
         record = {"step": step + 1, **metrics, "seconds": elapsed,
                   "tokens_per_s": metrics["tokens"] / elapsed,
                   "mfu": (metrics["tokens"] * fpt / elapsed / peak) if peak else None}
-        first_loss = first_loss if first_loss is not None else metrics["loss"]
-        last = record
         metrics_log.write(record)
         if bar:
             bar.update(1)
@@ -162,7 +160,8 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
         bar.close()
     metrics_log.close()
     manager.close()
-    summary = {"steps": total_steps, "resumed_from": start, "first_loss": first_loss,
+    first, last = (metrics_log.records[0], metrics_log.records[-1]) if metrics_log.records else ({}, {})
+    summary = {"steps": total_steps, "resumed_from": start, "first_loss": first.get("loss"),
                "final_loss": last.get("loss"), "final_trace_loss": last.get("trace_loss"),
                "final_answer_loss": last.get("answer_loss")}
     return trainer.model(), summary

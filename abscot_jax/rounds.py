@@ -1,0 +1,361 @@
+"""Policy iteration: the stages of each round, one run directory, resumable state.
+
+    RUN/
+      state.json                 finished stages and what they reported; config; code version
+      config.yaml
+      base/                      the starting model (HF) with the abstract vocabulary added
+      splits.json                disjoint example ids per round and phase (and the warm-up)
+      warmup/ (optional)         verbal-CoT SFT of the base (phase/ checkpoints, model/ HF)
+      baseline/<mode>/           evaluation of the starting model (verbal CoT, direct answer)
+      round_T/
+        traces_a.json            z for Phase A (round 1: the random rule; else round T-1's model on (x, c))
+        phase_a/                 checkpoints/, metrics.jsonl, tensorboard/
+        model_a/                 Phase A model, exported HF (LoRA merged)
+        traces_b.json            z for Phase B (this round's Phase A model on x)
+        phase_b/, model_b/
+        eval/                    results.jsonl, summary.json
+      report.md, *.png
+
+Every stage reads files earlier stages wrote and writes its own under a temporary name, renamed
+when complete; a stage is marked done in state.json only after that. Rerunning skips finished
+stages; a half-done training phase resumes from its latest checkpoint. Each round continues
+from the previous round's final model (round 1 from the starting model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import yaml
+
+from abscot_jax.config import RunConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+# A phase stage ends with its merged HF export (model_a/, model_b/).
+class RunError(ValueError):
+    """A run that cannot proceed as configured; the message says what to do."""
+
+
+ROUND_STAGES = ("traces_a", "phase_a", "traces_b", "phase_b", "eval")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def code_version() -> str:
+    from importlib.metadata import version
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", str(here)],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"abscot-jax {version('abscot-jax')}" + (f" @ {commit}{'+dirty' if dirty else ''}" if commit else "")
+
+
+class Run:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir) / cfg.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": {}}
+        self.state.setdefault("versions", []).append(code_version())
+        self.state["config"] = to_dict(cfg)
+        if jax.process_index() == 0:
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            self._save_state()
+        self._tokenizer = None
+        self._examples = None
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+    def _save_state(self):
+        if jax.process_index() == 0:
+            write_json_atomic(self.state_path, self.state)
+
+    def done(self, key: str) -> bool:
+        return key in self.state["done"]
+
+    def stage(self, key: str, fn):
+        """Run `fn` unless `key` is already done; record what it returns."""
+        if self.done(key):
+            log.info("%s: done, skipped", key)
+            return self.state["done"][key]
+        print(f"[{self.cfg.name}] {key} ...", flush=True)
+        result = fn() or {}
+        self.state["done"][key] = result
+        self._save_state()
+        return result
+
+    def round_dir(self, t: int) -> Path:
+        return self.dir / f"round_{t}"
+
+    # ---- data ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.dir / "base"))
+        return self._tokenizer
+
+    def examples(self) -> dict:
+        if self._examples is None:
+            from abscot_jax.data.dolci import load_dolci
+
+            d = self.cfg.data
+            examples, _ = load_dolci(d.train, limit=d.max_rows or None)
+            self._examples = {e.id: e for e in examples}
+        return self._examples
+
+    def split(self, name: str) -> list:
+        """The examples of one subset ('warmup', 'round_T_a', 'round_T_b'); fixed in splits.json."""
+        path = self.dir / "splits.json"
+        if not path.exists():
+            write_json_atomic(path, self._make_splits())
+        ids = json.loads(path.read_text())[name]
+        examples = self.examples()
+        return [examples[i] for i in ids]
+
+    def _make_splits(self) -> dict:
+        d = self.cfg.data
+        ids = sorted(self.examples())
+        random.Random(self.cfg.train.seed).shuffle(ids)
+        names = [f"round_{t}_{p}" for t in range(1, self.cfg.rounds + 1) for p in "ab"]
+        need = d.warmup_examples + len(names) * d.examples_per_phase
+        if len(ids) < need:
+            per_phase = (len(ids) - d.warmup_examples) // len(names)
+            if per_phase < 1:
+                raise RunError(f"{len(ids)} usable training examples cannot fill {len(names)} disjoint subsets "
+                                 f"(+{d.warmup_examples} warm-up); add data or lower data.examples_per_phase")
+            log.warning("only %d examples: %d per phase instead of %d", len(ids), per_phase, d.examples_per_phase)
+        else:
+            per_phase = d.examples_per_phase
+        splits = {"warmup": ids[:d.warmup_examples]}
+        start = d.warmup_examples
+        for name in names:
+            splits[name] = ids[start:start + per_phase]
+            start += per_phase
+        return splits
+
+    def builder(self):
+        from abscot_jax.data.sequences import BuildConfig, SequenceBuilder
+
+        d, t = self.cfg.data, self.cfg.train
+        return SequenceBuilder(self.tokenizer, BuildConfig(
+            seq_len=t.seq_len, m_max=d.m_max, cut_policy=d.cut_policy, loss_on_trace=t.loss_on_trace,
+            system=d.system or None, seed=t.seed))
+
+    # ---- models -------------------------------------------------------------------------------
+    def prepare_base(self):
+        """Copy the starting model with the abstract vocabulary added (an explicit, recorded step)."""
+        from transformers import AutoTokenizer
+
+        from abscot_jax.checkpoint import load_hf, save_hf
+        from abscot_jax.vocab import prepare_model_vocab
+
+        m = self.cfg.model
+        if not m.hf_dir:
+            raise RunError("model.hf_dir is not set: give the starting model's HF directory")
+        model = load_hf(m.hf_dir)
+        tokenizer = AutoTokenizer.from_pretrained(m.hf_dir)
+        vocab, initialised = (prepare_model_vocab(model, tokenizer, sigma=m.new_row_sigma, seed=self.cfg.train.seed)
+                              if m.add_abstract_vocab else (None, False))
+        save_hf(model, self.dir / "base", tokenizer=tokenizer, dtype="float32", overwrite=True)
+        return {"abstract_rows_initialised": initialised, "vocab_size": model.config.vocab_size}
+
+    def load_for_training(self, hf_dir: Path):
+        from flax import nnx  # noqa: F401  (model construction below)
+
+        from abscot_jax.checkpoint import load_hf
+        from abscot_jax.model.lora import LoRAConfig, apply_lora
+        from abscot_jax.vocab import abstract_vocab
+
+        m, t = self.cfg.model, self.cfg.train
+        model = load_hf(hf_dir, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                        attention_impl=m.attention_impl)
+        if t.mode == "lora":
+            vocab = abstract_vocab(self.tokenizer)
+            new_ids = vocab.all_new_ids
+            lora = self.cfg.lora
+            apply_lora(model, LoRAConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                         targets=tuple(lora.targets)),
+                       new_token_start=min(new_ids), num_new_tokens=len(new_ids), seed=t.seed)
+        return model
+
+    def train_and_export(self, init_dir: Path, examples, phase_dir: Path, out_dir: Path) -> dict:
+        from abscot_jax.checkpoint import save_hf
+        from abscot_jax.model.lora import merge_lora
+        from abscot_jax.sharding import MeshConfig, make_mesh
+        from abscot_jax.train.runner import run_phase
+
+        mesh_cfg = self.cfg.mesh
+        mesh = make_mesh(MeshConfig(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor))
+        model, summary = run_phase(self.load_for_training(init_dir), examples, self.cfg, phase_dir, mesh)
+        if jax.process_index() == 0:
+            save_hf(merge_lora(model), out_dir, tokenizer=self.tokenizer, dtype="float32", overwrite=True)
+        return summary
+
+    def engine(self, model_dir: Path):
+        from abscot_jax.sampling.engines import HFEngine, JaxEngine, VllmOptions, vllm_engine
+
+        s = self.cfg.sampler
+        if s.engine == "jax":
+            return JaxEngine.from_dir(model_dir, max_batch=s.max_batch)
+        if s.engine == "hf":
+            return HFEngine(model_dir, max_batch=s.max_batch)
+        return vllm_engine(model_dir, VllmOptions(python=s.python, tensor_parallel_size=s.tensor_parallel_size,
+                                                  data_parallel_size=s.data_parallel_size, max_batch=s.max_batch))
+
+    def sample_traces(self, model_dir: Path, examples, *, with_cot: bool, out: Path) -> dict:
+        """Constrained traces from `model_dir` conditioned on (x, c) or x alone; failures are counted
+        and those examples left out."""
+        from abscot_jax.sampling.protocol import SamplingRequest
+
+        s, builder = self.cfg.sampler, self.builder()
+        requests = []
+        for i, example in enumerate(examples):
+            prompt = builder.condition_ids(example) if with_cot else builder.prompt_ids(example)
+            if prompt is None:  # the example cannot fit seq_len; the builder counted it
+                continue
+            prompt = [int(t) for t in prompt]
+            if with_cot:
+                prompt = prompt[:-1]  # condition_ids ends with <beginabstract>, which the sampler forces itself
+            requests.append(SamplingRequest(id=example.id, prompt_ids=prompt, mode="trace",
+                                            temperature=s.trace_temperature, m_min=s.m_min, m_max=self.cfg.data.m_max,
+                                            max_new_tokens=self.cfg.data.m_max + 2, seed=self.cfg.train.seed + i))
+        results = self.engine(model_dir).run_requests(requests)
+        traces = {r.id: r.trace_ids for r in results if r.finish_reason == "stop" and r.trace_ids}
+        failed = len(requests) - len(traces)
+        write_json_atomic(out, traces)
+        lengths = [len(t) for t in traces.values()]
+        return {"traces": len(traces), "failed": failed,
+                "mean_length": sum(lengths) / max(len(lengths), 1)}
+
+    def evaluate(self, model_dir: Path, mode: str, out_dir: Path) -> dict:
+        from abscot_jax.data.math500 import load_math500
+        from abscot_jax.eval.evaluate import dataset_name, evaluate, write_results
+
+        e = self.cfg.eval
+        problems, _ = load_math500(self.cfg.data.eval, limit=e.limit or None)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        records, summary = evaluate(self.engine(model_dir), tokenizer, problems, mode=mode,
+                                    samples_per_problem=e.samples, m_min=e.m_min, m_max=self.cfg.data.m_max,
+                                    trace_temperature=e.trace_temperature, max_new_tokens=e.max_new_tokens,
+                                    seed=self.cfg.train.seed, dataset=dataset_name(self.cfg.data.eval))
+        if jax.process_index() == 0:
+            write_results(out_dir, records, summary)
+        return {"accuracy": summary.get("accuracy"), "mean_tokens": summary.get("mean_generated_tokens")}
+
+    # ---- the round ----------------------------------------------------------------------------
+    def start_model(self) -> Path:
+        return self.dir / ("warmup/model" if self.cfg.data.warmup_examples else "base")
+
+    def final_model(self, t: int) -> Path:
+        return self.round_dir(t) / "model_b" if t > 0 else self.start_model()
+
+    def setup(self):
+        self.stage("prepare_base", self.prepare_base)
+        if self.cfg.data.warmup_examples:
+            self.stage("warmup", self.warmup)
+        for mode in self.cfg.eval.baselines:
+            self.stage(f"baseline_{mode}", lambda mode=mode: self.evaluate(
+                self.start_model(), mode, self.dir / "baseline" / mode))
+
+    def warmup(self):
+        """Teach the starting model the verbal-CoT format: [x; c y], loss on c and y."""
+        builder = self.builder()
+        examples = [v for v in (verbal_example(builder, e) for e in self.split("warmup")) if v is not None]
+        return self.train_and_export(self.dir / "base", examples, self.dir / "warmup" / "phase",
+                                     self.dir / "warmup" / "model")
+
+    def run_round(self, t: int, stages=ROUND_STAGES):
+        unknown = set(stages) - set(ROUND_STAGES)
+        if unknown:
+            raise RunError(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(ROUND_STAGES)}")
+        rd = self.round_dir(t)
+        rd.mkdir(parents=True, exist_ok=True)
+        key = f"round_{t}"
+        steps = {
+            "traces_a": lambda: self._traces_a(t),
+            "phase_a": lambda: self.train_and_export_phase(t, "a"),
+            "traces_b": lambda: self.sample_traces(rd / "model_a", self.split(f"{key}_b"), with_cot=False,
+                                                   out=rd / "traces_b.json"),
+            "phase_b": lambda: self.train_and_export_phase(t, "b"),
+            "eval": lambda: self.evaluate(rd / "model_b", "abstract", rd / "eval"),
+        }
+        for name in ROUND_STAGES:
+            if name in stages and name in steps:
+                self.stage(f"{key}/{name}", steps[name])
+
+    def _traces_a(self, t: int) -> dict:
+        examples = self.split(f"round_{t}_a")
+        out = self.round_dir(t) / "traces_a.json"
+        if t == 1:  # the paper's round-1 rule: random abstract tokens per CoT step
+            builder = self.builder()
+            traces = {e.id: list(builder.random_trace(e)) for e in examples}
+            write_json_atomic(out, traces)
+            return {"traces": len(traces), "rule": "random"}
+        return self.sample_traces(self.final_model(t - 1), examples, with_cot=True, out=out)
+
+    def train_and_export_phase(self, t: int, phase: str) -> dict:
+        """Phase A (from the previous round's final model) or Phase B (from this round's Phase A
+        model), then the merged HF export. Export is part of the stage: a phase whose export was
+        interrupted resumes from its final checkpoint and exports again."""
+        rd = self.round_dir(t)
+        traces = json.loads((rd / f"traces_{phase}.json").read_text())
+        builder = self.builder()
+        examples = builder.build_all([e for e in self.split(f"round_{t}_{phase}") if e.id in traces],
+                                     phase.upper(), traces)
+        print(f"  phase {phase.upper()} data: {builder.report}", flush=True)
+        init = self.final_model(t - 1) if phase == "a" else rd / "model_a"
+        summary = self.train_and_export(init, examples, rd / f"phase_{phase}", rd / f"model_{phase}")
+        return {**summary, "examples": len(examples), "build": str(builder.report)}
+
+    def report(self):
+        from abscot_jax.report import write_report
+
+        if jax.process_index() == 0:
+            path = write_report(self.dir)
+            print(f"report: {path}", flush=True)
+            return path
+
+
+def verbal_example(builder, example):
+    """[x; c y] with c and y trained (role ANSWER, plain causal): the verbal-CoT format.
+    None when it does not fit seq_len."""
+    from abscot_jax.data.sequences import make_example
+    from abscot_jax.model.attention import Role
+
+    x, y = builder.prompt_ids(example), builder.answer_ids(example)
+    open_, cot, close, _ = builder.cot_pieces(example)
+    if len(x) + len(open_) + len(cot) + len(close) + len(y) > builder.config.seq_len:
+        return None
+    return make_example([(x, Role.PROMPT), (open_ + cot + close + y, Role.ANSWER)], example_id=example.id, phase="verbal")
+
+
+def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Run:
+    r = Run(cfg)
+    r.setup()
+    for t in rounds:
+        if t > 1 and not (r.final_model(t - 1)).exists():
+            raise RunError(f"round {t} needs round {t - 1}'s final model ({r.final_model(t - 1)}); run round {t - 1} first")
+        r.run_round(t, stages)
+    r.report()
+    return r

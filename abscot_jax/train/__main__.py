@@ -1,0 +1,38 @@
+"""python -m abscot_jax.train --config FILE (--round N | --rounds all) [--stage NAME ...] [--set a.b=v ...]"""
+import argparse
+import sys
+
+from abscot_jax.checkpoint import USER_ERRORS
+from abscot_jax.config import load_config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m abscot_jax.train", description="Run Abstract-CoT rounds.")
+    p.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--round", type=int, help="run round N (rounds before it must be finished)")
+    which.add_argument("--rounds", choices=["all"], help="run every round of the config")
+    p.add_argument("--stage", action="append", help="run only these stages of the round (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    args = p.parse_args(argv)
+    try:
+        from abscot_jax import rounds
+        from abscot_jax.data.dolci import DataError
+        from abscot_jax.sharding import initialize_distributed
+        from abscot_jax.train.runner import TrainingDiverged
+        from abscot_jax.vocab import VocabError
+
+        initialize_distributed()
+        cfg = load_config(args.config, args.set)
+        which = list(range(1, cfg.rounds + 1)) if args.rounds else [args.round]
+        if args.round is not None and not 1 <= args.round <= cfg.rounds:
+            raise rounds.RunError(f"--round {args.round} is outside 1..{cfg.rounds} (config rounds={cfg.rounds})")
+        rounds.run(cfg, which, tuple(args.stage) if args.stage else rounds.ROUND_STAGES)
+    except (*USER_ERRORS, DataError, VocabError, rounds.RunError, TrainingDiverged) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from abscot_jax.config import load_config, to_dict
+from abscot_jax.demo import demo_config
+from abscot_jax.model.config import ConfigError
+from abscot_jax.sharding import MeshConfig
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def test_overrides_and_yaml_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  seq_len: 512\noptim:\n  learning_rate: 3e-4\n")
+    cfg = load_config(path, ["train.batch_size=8", "lora.targets=[q_proj, v_proj]"])
+    assert (cfg.train.seq_len, cfg.train.batch_size, cfg.optim.learning_rate) == (512, 8, 3e-4)
+    assert cfg.lora.targets == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.seqlen=3"], "unknown config key 'train.seqlen'; did you mean 'seq_len'?"),
+    (["trian.seq_len=3"], "unknown config key 'trian'; did you mean 'train'?"),
+    (["train.seq_len=long"], "train.seq_len must be int, got 'long'"),
+    (["train.mode=half"], "train.mode must be 'lora' or 'full'"),
+    (["lora.targets=q_proj"], "lora.targets must be a list"),
+    (["sampler.engine=vllm"], "sampler.engine=vllm needs sampler.python"),
+])
+def test_config_mistakes_give_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_mesh_that_does_not_match_the_devices():
+    with pytest.raises(ValueError, match="but 8 are available"):
+        MeshConfig(data=2, fsdp=2, tensor=1).shape(8)
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        MeshConfig(data=3, fsdp=-1).shape(8)
+    assert MeshConfig(data=2, fsdp=-1, tensor=2).shape(8) == (2, 2, 2)
+
+
+def test_shipped_configs_load_and_tiny_matches_the_demo():
+    for path in CONFIGS.glob("*.yaml"):
+        load_config(path)
+    assert to_dict(load_config(CONFIGS / "tiny_cpu.yaml")) == to_dict(demo_config())

@@ -1,0 +1,65 @@
+"""The round driver on a tiny model: every stage runs, and a run killed inside stages resumes to
+the same final report."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from abscot_jax.data.toy import write_toy_data
+from abscot_jax.fixtures import make_checkpoint
+
+WORKER = Path(__file__).with_name("driver_worker.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("driver_data")
+    make_checkpoint(root / "model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1)
+    train, evaluation = write_toy_data(root, train_size=40, eval_size=3, min_digits=3, max_digits=4)
+    return root
+
+
+def run_driver(run_root, data, rounds=2, fault=""):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "ABSCOT_KILL_IN": fault,
+           "JAX_COMPILATION_CACHE_DIR": str(Path(run_root).parent / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return subprocess.run([sys.executable, str(WORKER), str(run_root), str(data), str(rounds)], env=env,
+                          capture_output=True, text=True, timeout=1500)
+
+
+def outcome(run_root):
+    run = Path(run_root) / "tiny"
+    state = json.loads((run / "state.json").read_text())
+    summaries = {str(p.relative_to(run)): json.loads(p.read_text()) for p in sorted(run.glob("**/summary.json"))}
+    return state["done"], summaries, (run / "report.md").read_text()
+
+
+def test_driver_runs_every_stage_and_resumes_after_kills(tmp_path, tiny_data):
+    reference = run_driver(tmp_path / "reference", tiny_data)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    done, summaries, report = outcome(tmp_path / "reference")
+    stages = [f"round_{t}/{s}" for t in (1, 2) for s in ("traces_a", "phase_a", "traces_b", "phase_b", "eval")]
+    assert set(stages + ["prepare_base", "baseline_verbal"]) == set(done)
+    assert done["round_2/traces_a"]["traces"] > 0  # sampled from round 1's model, not the random rule
+    for t in (1, 2):
+        for part in ("model_a", "model_b"):
+            assert (tmp_path / "reference" / "tiny" / f"round_{t}" / part / "model.safetensors.index.json").exists()
+    assert "Round 2" in report
+
+    killed = tmp_path / "killed"
+    for fault in ("phase_a_step", "export", "traces_a_r2", "eval"):
+        result = run_driver(killed, tiny_data, fault=fault)
+        assert result.returncode == -9, (fault, result.stderr[-3000:])
+    final = run_driver(killed, tiny_data)
+    assert final.returncode == 0, final.stderr[-3000:]
+    k_done, k_summaries, k_report = outcome(killed)
+    assert k_summaries == summaries
+    assert k_report == report
+    for stage in stages:  # the same training figures, whatever was interrupted
+        for key in ("final_loss", "traces", "accuracy"):
+            if key in done[stage]:
+                assert k_done[stage][key] == done[stage][key], (stage, key)
