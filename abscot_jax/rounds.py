@@ -324,6 +324,9 @@ class Run:
         examples = builder.build_all([e for e in self.split(f"round_{t}_{phase}") if e.id in traces],
                                      phase.upper(), traces)
         print(f"  phase {phase.upper()} data: {builder.report}", flush=True)
+        if not examples:
+            raise RunError(f"no Phase {phase.upper()} example fits train.seq_len={self.cfg.train.seq_len} "
+                           f"({builder.report}); raise train.seq_len")
         init = self.final_model(t - 1) if phase == "a" else rd / "model_a"
         summary = self.train_and_export(init, examples, rd / f"phase_{phase}", rd / f"model_{phase}")
         return {**summary, "examples": len(examples), "build": str(builder.report)}
