@@ -93,7 +93,7 @@ def test_grad_accumulation_equals_one_big_batch():
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
 
 
-def test_lora_zero_b_is_base_and_step_touches_only_adapters_and_new_rows():
+def test_lora_zero_b_is_base_and_step_touches_only_adapters_and_new_rows(tmp_path):
     model = Qwen3(CFG.replace(tie_word_embeddings=False), rngs=nnx.Rngs(3))
     batch = random_batch(seed=6)
     inputs = [jnp.asarray(batch[k][0]) for k in ("tokens", "positions", "segment_ids", "roles")]
@@ -117,6 +117,9 @@ def test_lora_zero_b_is_base_and_step_touches_only_adapters_and_new_rows():
 
     # Merging folds the adapters in: same logits, and only the new rows of embed / head moved.
     adapted_logits = np.asarray(trained(*inputs))
+    row = jnp.asarray(batch["tokens"][0][:1, :12])  # one unpacked sequence: plain causal here and in transformers
+    single = (row, jnp.arange(12)[None], jnp.ones_like(row), jnp.zeros_like(row))
+    adapted_single = np.asarray(trained(*single))
     merged = merge_lora(trained)
     np.testing.assert_allclose(np.asarray(merged(*inputs)), adapted_logits, atol=2e-5)
     embed_changed = np.any(np.asarray(merged.embed.value) != base_state["embed"].value, axis=1)
@@ -124,3 +127,15 @@ def test_lora_zero_b_is_base_and_step_touches_only_adapters_and_new_rows():
     assert embed_changed[150:].any() and not embed_changed[:150].any()
     head_changed = np.any(np.asarray(merged.lm_head.value) != base_state["lm_head"].value, axis=0)
     assert head_changed[150:].all() and not head_changed[:150].any()
+
+    # The merged export, loaded by transformers, gives the adapted (unmerged) model's logits.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from abscot_jax.checkpoint import save_hf
+
+    save_hf(merged, tmp_path / "merged", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(np.asarray(row), dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, adapted_single, atol=1e-4)

@@ -211,9 +211,9 @@ class SequenceBuilder:
 
     def cot_pieces(self, example) -> tuple[list[int], list[int], list[int], list[int]]:
         """c tokenised once as one text: ([<think>], CoT ids, [</think>, ...]) and the token count
-        of each CoT step. A step's tokens are those that start inside its line (the rare token that
-        spans a line end counts for the line it starts in), which is what tokenising the line alone
-        gives, without tokenising the CoT twice."""
+        of each CoT step. A step's tokens are those that start inside its line: the same count as
+        tokenising the line alone, except that the rare token spanning a line end (".\\n") counts
+        for the line it starts in; and the CoT is tokenised once, not twice."""
         enc = self.tokenizer(COT_OPEN + example.cot + COT_CLOSE, add_special_tokens=False, return_offsets_mapping=True)
         ids, starts = enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
         close = ids.index(self._think_close)

@@ -107,8 +107,9 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
                          "lower train.batch_size / train.grad_accum or add data")
     trainer = TrainStep.create(model, cfg.optim, t, total_steps, mesh, seed=t.seed)
     local_rows = t.batch_size // jax.process_count() * t.grad_accum
-    data_iter = iter(make_dataset(examples, batch_size=local_rows, seq_len=t.seq_len, seed=t.seed,
-                                  num_epochs=t.epochs))
+    # An endless stream cut at total_steps: each process packs its own shard into a slightly
+    # different number of rows, so "until exhausted" would let the processes fall out of step.
+    data_iter = iter(make_dataset(examples, batch_size=local_rows, seq_len=t.seq_len, seed=t.seed))
 
     wrt = trainable_filter(t.mode, t.train_embedding)
     manager = ocp.CheckpointManager(
