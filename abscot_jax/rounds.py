@@ -238,13 +238,24 @@ class Run:
             requests.append(SamplingRequest(id=example.id, prompt_ids=prompt, mode="trace",
                                             temperature=s.trace_temperature, m_min=s.m_min, m_max=self.cfg.data.m_max,
                                             max_new_tokens=self.cfg.data.m_max + 2, seed=self.cfg.train.seed + i))
-        results = self.engine(model_dir).run_requests(requests)
-        traces = {r.id: r.trace_ids for r in results if r.finish_reason == "stop" and r.trace_ids}
+        engine, v, cost = self.engine(model_dir), self.cfg.variants, {}
+        if v.trace_selection == "best_of_k" and (with_cot or v.select_phase_b):  # with_cot: Phase A, rounds >= 2
+            from abscot_jax import variants
+
+            m = self.cfg.model
+            scorer = variants.scoring_model(engine, model_dir, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype)
+            selection = variants.select_traces(engine, scorer, builder, examples, requests, v.k,
+                                               rows=self.cfg.train.batch_size, chunk=self.cfg.train.loss_chunk)
+            write_json_atomic(out.with_name(out.stem + "_candidates.json"), selection.candidates)
+            traces, cost = selection.best, {"selection": f"best_of_{v.k}", **selection.cost}
+        else:
+            results = engine.run_requests(requests)
+            traces = {r.id: r.trace_ids for r in results if r.finish_reason == "stop" and r.trace_ids}
         failed = len(requests) - len(traces)
         write_json_atomic(out, traces)
         lengths = [len(t) for t in traces.values()]
         return {"traces": len(traces), "failed": failed,
-                "mean_length": sum(lengths) / max(len(lengths), 1)}
+                "mean_length": sum(lengths) / max(len(lengths), 1), **cost}
 
     def evaluate(self, model_dir: Path, mode: str, out_dir: Path) -> dict:
         from abscot_jax.data.math500 import load_math500
@@ -307,6 +318,8 @@ class Run:
     def _traces_a(self, t: int) -> dict:
         examples = self.split(f"round_{t}_a")
         out = self.round_dir(t) / "traces_a.json"
+        if t == 1 and self.cfg.variants.round1_traces == "cot_codes":
+            return self._cot_code_traces(examples, out)
         if t == 1:  # the paper's round-1 rule: random abstract tokens per CoT step
             builder = self.builder()
             traces = {e.id: list(builder.random_trace(e)) for e in examples}
@@ -314,22 +327,47 @@ class Run:
             return {"traces": len(traces), "rule": "random"}
         return self.sample_traces(self.final_model(t - 1), examples, with_cot=True, out=out)
 
+    def _cot_code_traces(self, examples, out: Path) -> dict:
+        """Round-1 traces from k-means codes of the CoT steps' hidden states under the starting model;
+        the codebook and its statistics go to round_1/."""
+        from abscot_jax import variants
+        from abscot_jax.checkpoint import load_hf
+
+        v, m = self.cfg.variants, self.cfg.model
+        model = load_hf(self.start_model(), param_dtype=m.param_dtype, compute_dtype=m.compute_dtype)
+        traces, stats = variants.cot_code_traces(model, self.builder(), examples, code_layer=v.code_layer,
+                                                 codes_per_step=v.codes_per_step, rows=self.cfg.train.batch_size,
+                                                 seed=self.cfg.train.seed, out_dir=self.round_dir(1))
+        write_json_atomic(out, traces)
+        return {"traces": len(traces), "rule": "cot_codes", "layer": stats["layer"], "steps": stats["steps"],
+                "mean_length": stats["mean_trace_length"],
+                "code_perplexity": [level["perplexity"] for level in stats["levels"]]}
+
     def train_and_export_phase(self, t: int, phase: str) -> dict:
         """Phase A (from the previous round's final model) or Phase B (from this round's Phase A
         model), then the merged HF export. Export is part of the stage: a phase whose export was
         interrupted resumes from its final checkpoint and exports again."""
         rd = self.round_dir(t)
         traces = json.loads((rd / f"traces_{phase}.json").read_text())
-        builder = self.builder()
-        examples = builder.build_all([e for e in self.split(f"round_{t}_{phase}") if e.id in traces],
-                                     phase.upper(), traces)
+        from abscot_jax.variants import build_phase_examples
+
+        builder, v = self.builder(), self.cfg.variants
+        examples = build_phase_examples(builder, [e for e in self.split(f"round_{t}_{phase}") if e.id in traces],
+                                        phase.upper(), traces, v, rd / f"traces_{phase}_candidates.json")
         print(f"  phase {phase.upper()} data: {builder.report}", flush=True)
         if not examples:
             raise RunError(f"no Phase {phase.upper()} example fits train.seq_len={self.cfg.train.seq_len} "
                            f"({builder.report}); raise train.seq_len")
         init = self.final_model(t - 1) if phase == "a" else rd / "model_a"
         summary = self.train_and_export(init, examples, rd / f"phase_{phase}", rd / f"model_{phase}")
-        return {**summary, "examples": len(examples), "build": str(builder.report)}
+        extra = {}  # what a variant changed in this phase's data, and its size
+        if phase == "a" and v.bottleneck == "two_pass":
+            extra["bottleneck"] = "two_pass"
+        if v.weight_by_score and (rd / f"traces_{phase}_candidates.json").exists():
+            extra["weighted_candidates"] = True
+        if extra:
+            extra["sequence_tokens"] = sum(len(e) for e in examples)
+        return {**summary, "examples": len(examples), "build": str(builder.report), **extra}
 
     def report(self):
         from abscot_jax.report import write_report

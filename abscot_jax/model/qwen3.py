@@ -216,7 +216,7 @@ class Qwen3(nnx.Module):
         if cfg.remat == "layer":
             layer = jax.checkpoint(layer, prevent_cse=False)
         layer_caches = None if cache is None else (cache.k, cache.v)
-        x, new_kv = jax.lax.scan(layer, x, (params, layer_caches, layer_keys[: num_layers or None]))
+        x, new_kv = jax.lax.scan(layer, x, (params, layer_caches, layer_keys if num_layers is None else layer_keys[:num_layers]))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_kv[0], new_kv[1], valid, cache.length + tokens.shape[1])
