@@ -81,3 +81,38 @@ def test_seq_len_too_small_for_any_example_is_a_clear_error(tmp_path, tiny_hf_di
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "train.seq_len=16" in last, last
     assert "Traceback" not in result.stderr
+
+
+def _mount_tmpfs(path, size):
+    path.mkdir(exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                            text=True)
+    return result.returncode == 0
+
+
+def test_no_space_during_export_is_a_clear_error_and_the_rerun_completes(tmp_path, tiny_hf_dir):
+    import pytest
+
+    small = tmp_path / "small_disk"
+    if not _mount_tmpfs(small, "200k"):
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root and mount permission)")
+    repo = __import__("pathlib").Path(__file__).parent.parent
+    try:
+        ckpt = tmp_path / "ckpt"
+        convert = [sys.executable, "convert/hf_to_flax.py", "--hf-dir", str(tiny_hf_dir), "--out", str(ckpt)]
+        assert subprocess.run(convert, cwd=repo, capture_output=True, timeout=600).returncode == 0
+        export = [sys.executable, "convert/flax_to_hf.py", "--ckpt", str(ckpt), "--out", str(small / "hf"),
+                  "--dtype", "float32"]
+        full = subprocess.run(export, cwd=repo, capture_output=True, text=True, timeout=600)
+        assert full.returncode == 2, full.stderr[-2000:]
+        lines = full.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: no space left"), full.stderr[-2000:]
+        assert list(small.iterdir()) == []  # nothing half-written left behind
+        assert (ckpt / "config.json").exists()  # the earlier artifact is intact
+        subprocess.run(["umount", str(small)], check=True)
+        assert _mount_tmpfs(small, "20m")  # space is back
+        again = subprocess.run(export, cwd=repo, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert (small / "hf" / "model.safetensors.index.json").exists()
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

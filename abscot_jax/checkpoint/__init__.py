@@ -1,6 +1,7 @@
 """HF safetensors <-> JAX parameters (streaming), Orbax save/restore, and the conversion CLIs' error rule."""
 from __future__ import annotations
 
+import errno
 import sys
 
 from abscot_jax.checkpoint.hf import CheckpointError, iter_hf_tensors, load_hf, save_hf
@@ -13,12 +14,24 @@ from abscot_jax.model.config import ConfigError
 USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, FileExistsError)
 
 
-def run_cli(main, argv=None) -> int:
+def user_error_message(e: BaseException, user_errors=USER_ERRORS) -> str | None:
+    """One line for a mistake or condition the user can fix; None for a bug (let it raise)."""
+    if isinstance(e, user_errors):
+        return " ".join(str(e).split())
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device holding {e.filename or 'the output'}; free some space and rerun "
+                "(finished files are intact, nothing half-written was left)")
+    return None
+
+
+def run_cli(main, argv=None, user_errors=USER_ERRORS) -> int:
     """Run a command-line `main(argv)`; user errors print `error: ...` on stderr and exit 2."""
     try:
         main(argv)
-    except USER_ERRORS as e:
-        message = " ".join(str(e).split())  # always one line
+    except Exception as e:
+        message = user_error_message(e, user_errors)
+        if message is None:
+            raise
         print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
@@ -27,5 +40,5 @@ def run_cli(main, argv=None) -> int:
 __all__ = [
     "CheckpointError", "ConfigError", "USER_ERRORS", "convert_hf_to_checkpoint", "export_checkpoint_to_hf",
     "iter_hf_tensors", "load_checkpoint", "load_hf",
-    "run_cli", "save_checkpoint", "save_hf",
+    "run_cli", "user_error_message", "save_checkpoint", "save_hf",
 ]

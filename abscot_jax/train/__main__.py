@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from abscot_jax.checkpoint import USER_ERRORS
+from abscot_jax.checkpoint import USER_ERRORS, run_cli
 from abscot_jax.config import load_config
 
 
@@ -15,12 +15,13 @@ def main(argv=None) -> int:
     p.add_argument("--stage", action="append", help="run only these stages of the round (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = p.parse_args(argv)
-    try:
-        from abscot_jax import rounds
-        from abscot_jax.data.dolci import DataError
+    from abscot_jax import rounds
+    from abscot_jax.data.dolci import DataError
+    from abscot_jax.train.runner import TrainingDiverged
+    from abscot_jax.vocab import VocabError
+
+    def train(_):
         from abscot_jax.sharding import initialize_distributed
-        from abscot_jax.train.runner import TrainingDiverged
-        from abscot_jax.vocab import VocabError
 
         initialize_distributed()
         cfg = load_config(args.config, args.set)
@@ -28,10 +29,8 @@ def main(argv=None) -> int:
         if args.round is not None and not 1 <= args.round <= cfg.rounds:
             raise rounds.RunError(f"--round {args.round} is outside 1..{cfg.rounds} (config rounds={cfg.rounds})")
         rounds.run(cfg, which, tuple(args.stage) if args.stage else rounds.ROUND_STAGES)
-    except (*USER_ERRORS, DataError, VocabError, rounds.RunError, TrainingDiverged) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(train, None, (*USER_ERRORS, DataError, VocabError, rounds.RunError, TrainingDiverged))
 
 
 if __name__ == "__main__":
