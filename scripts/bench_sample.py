@@ -28,10 +28,16 @@ def main():
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, = cores); XLA uses every core")
+    p.add_argument("--hf-threads", default="default,1",
+                   help="torch thread counts to time HF with, comma-separated ('default' = torch's own, one a core)")
+    p.add_argument("--xla-threads", type=int, default=None, choices=[1],
+                   help="1: run XLA single-threaded (default: XLA's thread pool over every core)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each, interleaved (the best is kept)")
     a = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if a.xla_threads == 1:  # before jax starts
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
+            " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
     import jax
     import numpy as np
@@ -43,10 +49,8 @@ def main():
     from abscot_jax.sampling.protocol import SamplingRequest
     from abscot_jax.sampling.sampler import Sampler
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; {os.cpu_count()} cores", flush=True)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({'1 thread' if a.xla_threads else 'all cores'}); "
+          f"torch {torch.__version__}; {os.cpu_count()} cores", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_checkpoint(tmp, hidden_size=a.hidden, intermediate_size=a.intermediate,
@@ -74,7 +78,8 @@ def main():
                               pad_token_id=0, eos_token_id=None)
     # torch's default (one OpenMP thread a core) and one thread: on a shared, busy machine OpenMP's
     # spinning threads can make the default several times slower; the faster one is the baseline.
-    thread_counts = sorted({a.threads or torch.get_num_threads(), 1}, reverse=True)
+    thread_counts = sorted({torch.get_num_threads() if n == "default" else int(n) for n in a.hf_threads.split(",")},
+                           reverse=True)
 
     def run_hf(threads):
         torch.set_num_threads(threads)

@@ -37,7 +37,7 @@ def tokenizer(model_dir):
 @pytest.fixture(scope="module")
 def jax_engine(model_dir, tokenizer):
     # Fixed buckets: every call in this file runs one compiled program.
-    return E.JaxEngine(load_hf(model_dir), tokenizer, max_batch=16, min_batch=16, min_prompt_bucket=32,
+    return E.JaxEngine(load_hf(model_dir), tokenizer, max_batch=16, min_batch=16, min_prompt_bucket=64,
                        min_new_bucket=64)
 
 
@@ -131,18 +131,20 @@ def test_vllm_engine_options_and_gpu_groups(tmp_path):
 
 
 def fake_vllm(hf_model, eos_id, include_stop: bool):
-    """vLLM's documented semantics of the SamplingParams we use, greedy, on HF's model (no cache):
+    """vLLM's documented semantics of the SamplingParams we use, greedy, on HF's model:
     allowed_token_ids, min_tokens (stop tokens and eos suppressed), max_tokens, stop_token_ids,
     ignore_eos; finish_reason and stop_reason as vLLM reports them."""
     def generate(prompts, params):
         outs = []
         for prompt, p in zip(prompts, params):
             assert p["temperature"] == 0
-            ids, out, finish, reason = list(prompt), [], "length", None
+            out, finish, reason = [], "length", None
             stops = set(p["stop_token_ids"]) | (set() if p.get("ignore_eos") else {eos_id})
+            feed, past = list(prompt), None
             while len(out) < p["max_tokens"]:
                 with torch.no_grad():
-                    logits = hf_model(torch.tensor([ids])).logits[0, -1].clone()
+                    step = hf_model(torch.tensor([feed]), past_key_values=past, use_cache=True)
+                logits, past = step.logits[0, -1].clone(), step.past_key_values
                 if "allowed_token_ids" in p:
                     keep = torch.full_like(logits, -float("inf"))
                     keep[p["allowed_token_ids"]] = 0
@@ -151,7 +153,7 @@ def fake_vllm(hf_model, eos_id, include_stop: bool):
                     logits[list(stops)] = -float("inf")
                 token = int(logits.argmax())
                 out.append(token)
-                ids.append(token)
+                feed = [token]
                 if token in stops:
                     finish, reason = "stop", (token if token in p["stop_token_ids"] else None)
                     break
@@ -257,6 +259,9 @@ def test_failed_process_fails_its_requests_with_the_reason(tmp_path):
     assert [r.id for r in results] == ["a", "b"]
     assert all(r.finish_reason == "error" and "exited with 2" in r.error and "no-such-flag" in r.error
                for r in results)
+    missing = E.vllm_engine(tmp_path, E.VllmOptions(python=str(tmp_path / "no-python")))
+    [result] = missing.run_requests([SamplingRequest(id="c", prompt_ids=[1])])
+    assert "cannot start" in result.error and "no-python" in result.error
 
 
 # ---- protocol files -------------------------------------------------------------------------------
@@ -266,7 +271,8 @@ def test_protocol_files_round_trip(tmp_path):
             SamplingRequest(id="2", prompt_ids=[1, 2, 3], stop_token_ids=[7, 8])]
     write_requests(tmp_path / "r.jsonl", reqs)
     assert read_requests(tmp_path / "r.jsonl") == reqs
-    res = [SamplingResult(id="1", token_ids=[1, 2], text="ab", finish_reason="stop"), SamplingResult.failure("2", "bad")]
+    res = [SamplingResult(id="1", token_ids=[1, 2], text="ab", finish_reason="stop"),
+           SamplingResult.failure("2", "bad")]
     write_results(tmp_path / "o.jsonl", res)
     assert read_results(tmp_path / "o.jsonl") == res
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "r.jsonl"]  # no temporary left behind

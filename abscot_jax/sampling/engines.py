@@ -3,7 +3,8 @@
   JaxEngine         the JAX sampler, in process (shares the model with training code).
   HFEngine          HF transformers `generate`; a logits processor runs the same token choice
                     (constraint + greedy/sampling) as the JAX sampler. The CPU reference.
-  run_vllm          vLLM, in the process of a vLLM environment; `VllmEngine` starts it there.
+  run_vllm          vLLM, in the process of a vLLM environment; `vllm_engine(...)` starts it
+                    there (a SubprocessEngine with the Python named in VllmOptions).
   SubprocessEngine  any of them in another process through JSONL files: this module's CLI,
                     python -m abscot_jax.sampling.engines --engine hf|vllm|jax --model DIR \
                         --requests IN.jsonl --out OUT.jsonl
@@ -353,9 +354,9 @@ def run_two_stage(generate_fn: GenerateFn, requests, prompts, limits, vocab, eos
 
 @dataclasses.dataclass
 class VllmOptions:
-    """How to start vLLM. `python`: the interpreter of the environment that has vllm."""
+    """How to start vLLM. `python`: the interpreter of the environment that has vllm ("": this one)."""
 
-    python: str = sys.executable
+    python: str = ""
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1  # independent vLLM processes, each on its own group of GPUs
     gpu_memory_utilization: float = 0.85
@@ -366,8 +367,9 @@ class VllmOptions:
     timeout_s: float | None = None
 
     def llm_kwargs(self) -> dict:
-        kwargs = {"tensor_parallel_size": self.tensor_parallel_size, "gpu_memory_utilization": self.gpu_memory_utilization,
-                  "dtype": self.dtype, "enforce_eager": self.enforce_eager, "max_num_seqs": self.max_batch}
+        kwargs = {"tensor_parallel_size": self.tensor_parallel_size,
+                  "gpu_memory_utilization": self.gpu_memory_utilization, "dtype": self.dtype,
+                  "enforce_eager": self.enforce_eager, "max_num_seqs": self.max_batch}
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
         return kwargs
@@ -434,34 +436,42 @@ class SubprocessEngine:
         # Lines read_requests could not parse are already results; the rest go to the processes.
         results: list[SamplingResult | None] = [r if isinstance(r, SamplingResult) else None for r in requests]
         todo = [i for i, r in enumerate(results) if r is None]
-        shards = [todo[s::self.shards] for s in range(self.shards)]
+        shards = [(s, todo[s::self.shards]) for s in range(self.shards) if todo[s::self.shards]]
         with tempfile.TemporaryDirectory(prefix="abscot_sampling_") as tmp:
-            procs = []
-            for s, index in enumerate(shards):
-                if not index:
-                    continue
-                req_path, out_path, log_path = (Path(tmp) / f"{name}{s}" for name in ("requests.jsonl", "results.jsonl", "log.txt"))
-                write_requests(req_path, [requests[i] for i in index])
-                env = {**os.environ, **self.shard_env[s],
-                       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-                cmd = [self.python, "-m", "abscot_jax.sampling.engines", "--engine", self.engine, "--model", self.model_dir,
-                       "--requests", str(req_path), "--out", str(out_path), *self.args]
-                log = open(log_path, "w")
-                procs.append((index, out_path, log_path, log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-            for index, out_path, log_path, log, proc in procs:
-                try:
-                    code = proc.wait(timeout=self.timeout_s)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    code = f"killed after {self.timeout_s} s"
-                log.close()
-                got = {r.id: r for r in read_results(out_path)} if out_path.exists() else {}
-                tail = " | ".join(log_path.read_text().strip().splitlines()[-5:])
-                for i in index:
-                    rid = requests[i].id
-                    results[i] = got.get(rid) or SamplingResult.failure(
-                        rid, f"{self.engine} process exited with {code} without a result: {tail}")
+            started = [self._start(s, [requests[i] for i in index], Path(tmp)) for s, index in shards]
+            for (_, index), run in zip(shards, started):  # all shards run at once; collect in turn
+                for i, result in zip(index, self._collect(*run, [requests[i].id for i in index])):
+                    results[i] = result
         return results
+
+    def _start(self, shard: int, requests, tmp: Path):
+        req_path, out_path, log_path = (tmp / f"{name}{shard}"
+                                        for name in ("requests.jsonl", "results.jsonl", "log.txt"))
+        write_requests(req_path, requests)
+        env = {**os.environ, **self.shard_env[shard],
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        cmd = [self.python, "-m", "abscot_jax.sampling.engines", "--engine", self.engine, "--model", self.model_dir,
+               "--requests", str(req_path), "--out", str(out_path), *self.args]
+        log = open(log_path, "w")
+        try:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        except OSError as e:  # e.g. the configured Python does not exist
+            log.write(f"cannot start {self.python}: {e}")
+            proc = None
+        return proc, out_path, log_path, log
+
+    def _collect(self, proc, out_path: Path, log_path: Path, log, ids: list[str]) -> list[SamplingResult]:
+        code = "an error"
+        try:
+            code = proc.wait(timeout=self.timeout_s) if proc else code
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = f"killed after {self.timeout_s} s"
+        log.close()
+        got = {r.id: r for r in read_results(out_path)} if out_path.exists() else {}
+        tail = " | ".join(log_path.read_text().strip().splitlines()[-5:])
+        message = f"{self.engine} process exited with {code} without a result: {tail}"
+        return [got.get(i) or SamplingResult.failure(i, message) for i in ids]
 
 
 def vllm_engine(model_dir, options: VllmOptions = VllmOptions(), gpus: Sequence[int] | None = None) -> SubprocessEngine:
@@ -472,8 +482,8 @@ def vllm_engine(model_dir, options: VllmOptions = VllmOptions(), gpus: Sequence[
     if len(gpus) < dp * tp:
         raise ValueError(f"data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs; got {gpus}")
     shard_env = [{"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[s * tp:(s + 1) * tp]))} for s in range(dp)]
-    return SubprocessEngine("vllm", model_dir, python=options.python, args=options.cli_args(), shards=dp,
-                            shard_env=shard_env, timeout_s=options.timeout_s)
+    return SubprocessEngine("vllm", model_dir, python=options.python or sys.executable, args=options.cli_args(),
+                            shards=dp, shard_env=shard_env, timeout_s=options.timeout_s)
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -498,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileNotFoundError(f"{a.requests} not found; pass the requests JSONL file")
         requests = read_requests(a.requests)
         if a.engine == "vllm":
-            options = VllmOptions(tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
+            options = VllmOptions(tensor_parallel_size=a.tensor_parallel_size,
+                                  gpu_memory_utilization=a.gpu_memory_utilization,
                                   max_model_len=a.max_model_len or a.context, dtype=a.dtype or "auto",
                                   enforce_eager=a.enforce_eager, max_batch=a.max_batch or 256)
             results = run_vllm(requests, a.model, options)
