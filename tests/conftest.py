@@ -38,3 +38,36 @@ def tiny_tokenizer(tiny_hf_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_hf_dir))
+
+
+WEIGHT_SCALE = 8.0  # random init gives near-flat logits and one repeated token; x8 gives varied text
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with weights scaled up (varied greedy text, clear argmax gaps) and the
+    abstract tokens added to its tokenizer (they land in the spare embedding rows): the model of
+    the sampling, engine, evaluation and variants tests."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from abscot_jax.vocab import add_abstract_tokens
+
+    out_dir = tmp_path_factory.mktemp("sampling_model")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_hf_dir))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.mul_(WEIGHT_SCALE)
+    model.save_pretrained(str(out_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_hf_dir))
+    add_abstract_tokens(tokenizer)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -17,21 +17,8 @@ from abscot_jax.vocab import abstract_vocab
 from abscot_jax.sampling.protocol import (
     SamplingRequest, SamplingResult, make_result, read_requests, read_results, write_requests, write_results,
 )
-from test_sampler import make_sampling_checkpoint
 
 EOS = 2  # <|im_end|>
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_hf_dir, tmp_path_factory):
-    return make_sampling_checkpoint(tiny_hf_dir, tmp_path_factory.mktemp("engines_model"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 @pytest.fixture(scope="module")

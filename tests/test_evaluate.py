@@ -21,21 +21,9 @@ from abscot_jax.eval.grading import is_correct
 from abscot_jax.sampling.protocol import RequestError, SamplingResult
 from abscot_jax.vocab import VocabError, abstract_vocab
 from conftest import DATA_DIR
-from test_sampler import make_sampling_checkpoint
 
 FIXTURE = DATA_DIR / "math500_fixture.jsonl"
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_hf_dir, tmp_path_factory):
-    """The tiny model with the abstract tokens in its tokenizer (saved: the CLI loads it)."""
-    return make_sampling_checkpoint(tiny_hf_dir, tmp_path_factory.mktemp("eval_model"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 @pytest.fixture(scope="module")

@@ -19,31 +19,6 @@ from abscot_jax.sampling.protocol import SamplingRequest
 from abscot_jax.sampling.sampler import DecodeState, Rows, Sampler, TraceTokens, bucket, decode_step
 from abscot_jax.vocab import add_abstract_tokens
 
-WEIGHT_SCALE = 8.0  # random init gives near-flat logits and one repeated token; x8 gives varied text
-
-
-def make_sampling_checkpoint(base_dir, out_dir):
-    """The tiny checkpoint with weights scaled up (varied greedy text, clear argmax gaps) and the
-    abstract tokens added to its tokenizer (they land in the spare embedding rows)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.mul_(WEIGHT_SCALE)
-    model.save_pretrained(str(out_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    add_abstract_tokens(tokenizer)
-    tokenizer.save_pretrained(str(out_dir))
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_hf_dir, tmp_path_factory):
-    return make_sampling_checkpoint(tiny_hf_dir, tmp_path_factory.mktemp("sampling_model"))
-
-
 @pytest.fixture(scope="module")
 def hf_model(model_dir):
     from transformers import AutoModelForCausalLM, GenerationConfig

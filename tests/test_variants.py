@@ -16,7 +16,6 @@ from abscot_jax.model.attention import Role
 from abscot_jax.sampling.engines import JaxEngine
 from abscot_jax.sampling.protocol import SamplingRequest
 from abscot_jax import variants as V
-from test_sampler import make_sampling_checkpoint
 
 
 def toy_examples(n, seed=0, min_digits=4, max_digits=6):
@@ -27,12 +26,6 @@ def toy_examples(n, seed=0, min_digits=4, max_digits=6):
         out.append(DolciExample(f"toy-{i}", ({"role": "user", "content": p["question"]},), p["cot"],
                                 f"\\boxed{{{p['answer']}}}"))
     return out
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_hf_dir, tmp_path_factory):
-    # Scaled weights: clear differences between candidates' scores; abstract tokens in the tokenizer.
-    return make_sampling_checkpoint(tiny_hf_dir, tmp_path_factory.mktemp("variants_model"))
 
 
 @pytest.fixture(scope="module")
