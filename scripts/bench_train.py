@@ -63,9 +63,11 @@ def parse_args():
 
 
 def packed_phase_a_batch(rng, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
-    """Rows packed greedily with Phase A examples [x; c; <ba> z <ea>; y] of realistic relative
-    lengths; what does not fit is padding (segment 0). Loss on targets that are trace or answer
-    tokens of the same segment. Arrays are [1, B, T] (one micro-batch)."""
+    """Rows packed with Phase A examples [x; c; <ba> z <ea>; y] of realistic relative lengths, as
+    full as the project's packer makes them (~98%): an example that does not fit is replaced by a
+    shorter one of the same proportions while at least 64 slots remain; the rest is padding
+    (segment 0). Loss on targets that are trace or answer tokens of the same segment.
+    Arrays are [1, B, T] (one micro-batch)."""
     tokens = rng.integers(0, vocab, (batch, seq))
     segs = np.zeros((batch, seq), np.int32)
     roles = np.zeros((batch, seq), np.int32)
@@ -77,7 +79,13 @@ def packed_phase_a_batch(rng, batch: int, seq: int, vocab: int) -> dict[str, np.
                        Role.ABSTRACT: rng.integers(10, 66), Role.ANSWER: rng.integers(20, 120)}
             total = sum(lengths.values())
             if start + total > seq:
-                break
+                room = seq - start
+                if room < 64:
+                    break
+                lengths = {role: max(4, n * room // total) for role, n in lengths.items()}
+                total = sum(lengths.values())
+                if total > room:
+                    break
             segs[row, start:start + total] = segment
             positions[row, start:start + total] = np.arange(total)
             at = start

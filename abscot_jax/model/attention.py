@@ -56,15 +56,15 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 # For each (batch row, query block) a loop runs over exactly the key blocks that can hold an
 # allowed key: from the block holding the start of the earliest segment among the block's
 # queries up to the causal diagonal. Everything before the segment start (other segments, and
-# the causal upper half) is never computed: on packed Phase A rows that is about half of even the
-# causal lower half. Segments and the answer-not-CoT rule are applied inside each pair from a
+# the causal upper half) is never computed: on packed Phase A rows that is more than half of even
+# the causal lower half. Segments and the answer-not-CoT rule are applied inside each pair from a
 # [block_q, block_k] mask built from that pair's own segment ids and roles.
 #
 # Why a loop of small matmuls rather than a static schedule of big batched ones: a static
-# schedule can only skip what is empty in every row of the batch (measured: it computes ~83% of
-# the causal pairs on packed rows, vs ~45% here), and the loop's per-pair matmuls
-# ([block_q * G, D] x [D, block_k]) already run at full matmul speed on CPU. The loops are
-# `fori_loop`s, so the graph (and the compile time) does not grow with the sequence length.
+# schedule can only skip what is empty in every row of the batch (on packed rows it computed ~83%
+# of the causal pairs, this loop ~40%), and measured 2-3x slower on CPU: skipping finely beats
+# bigger matmuls here (see docs/BENCHMARKS.md for block sizes). The loops are `fori_loop`s, so
+# the graph (and the compile time) does not grow with the sequence length.
 #
 # Layout: head-major, with the G query heads of a kv head folded into the rows: q is
 # [B, KV, nq, block_q * G, D] (rows ordered (t, g)), k and v are [B, KV, nk, block_k, D]. A key
@@ -74,8 +74,8 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 # recomputed from the saved per-row log-sum-exp, so only O(T) per head is stored, and the
 # gradients of K/V accumulate block by block.
 
-DEFAULT_BLOCK_Q = 64
-DEFAULT_BLOCK_K = 64
+DEFAULT_BLOCK_Q = 64  # measured on the 2-core CPU, 4 x 1024 packed Phase A rows: 64 x 32 beat
+DEFAULT_BLOCK_K = 32  # 32 x 32, 64 x 64 (+10%), 128 x 128 (+35%): fine blocks skip more
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
