@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from abscot_jax.config import OptimSection, TrainSection
+from abscot_jax.model.attention import Role
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.lora import LoRAConfig, apply_lora, merge_lora
 from abscot_jax.model.qwen3 import Qwen3
@@ -71,15 +72,55 @@ def test_sharded_loss_and_grads_equal_single_device(mesh_config, mode):
         assert np.linalg.norm(got - ref) <= 1e-5 * np.linalg.norm(ref) + 1e-12, jax.tree_util.keystr(path)
 
 
-def test_chunked_loss_equals_plain_loss():
-    model = Qwen3(CFG, rngs=nnx.Rngs(1))
-    batch = {k: jnp.asarray(v[0]) for k, v in random_batch(seed=3).items()}
+def plain_loss_sums(model, batch):
+    """Reference: full [B, T, V] logits, optax cross-entropy, split by the role of the target."""
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    plain = float(jnp.sum(nll * batch["loss_mask"]) / jnp.sum(batch["loss_mask"]))
+    w = batch["loss_mask"]
+    target_role = jnp.concatenate([batch["roles"][:, 1:], jnp.zeros_like(batch["roles"][:, :1])], axis=1)
+    return {"nll": jnp.sum(nll * w), "weight": jnp.sum(w),
+            "trace_nll": jnp.sum(nll * w * (target_role == Role.ABSTRACT)),
+            "answer_nll": jnp.sum(nll * w * (target_role == Role.ANSWER))}
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_chunked_loss_and_grads_equal_plain_loss(sparse):
+    model = Qwen3(CFG, rngs=nnx.Rngs(1))
+    batch = {k: jnp.asarray(v[0]) for k, v in random_batch(seed=3).items()}
+    if sparse:  # weight only in the last few positions of half the rows: most chunks are skipped
+        batch["loss_mask"] = batch["loss_mask"].at[:, :16].set(0).at[::2].set(0)
+    graphdef, state = nnx.split(model)
+
+    def loss_of(fn):
+        return jax.value_and_grad(lambda s: fn(nnx.merge(graphdef, s)))(state)
+
+    plain, plain_grads = loss_of(lambda m: plain_loss_sums(m, batch)["nll"])
+    ref = plain_loss_sums(model, batch)
     for chunk in (7, 64, 10_000):  # chunks that do and do not divide B*T
-        chunked = float(mean_losses(loss_sums(model, batch, chunk=chunk))["loss"])
-        assert chunked == pytest.approx(plain, abs=1e-5)
+        sums = loss_sums(model, batch, chunk=chunk)
+        for key in ref:
+            assert float(sums[key]) == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-5), key
+        chunked, grads = loss_of(lambda m: loss_sums(m, batch, chunk=chunk)["nll"])
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+            assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7
+
+
+def test_lora_delta_gradients_equal_autodiff_of_the_formula():
+    from abscot_jax.model.qwen3 import lora_delta
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(keys[0], (3, 5, 12))
+    a = jax.random.normal(keys[1], (12, 4))
+    b = jax.random.normal(keys[2], (4, 7))
+    g = jax.random.normal(keys[3], (3, 5, 7))
+
+    def objective(delta):
+        return lambda h, a, b: jnp.sum(g * delta(h, a, b))
+
+    ours = jax.grad(objective(lambda h, a, b: lora_delta(h, a, b, 2.5)), argnums=(0, 1, 2))(h, a, b)
+    ref = jax.grad(objective(lambda h, a, b: (h @ a) @ b * 2.5), argnums=(0, 1, 2))(h, a, b)
+    for x, y in zip(ours, ref):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_grad_accumulation_equals_one_big_batch():

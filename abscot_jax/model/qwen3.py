@@ -8,6 +8,7 @@ Each parameter carries its logical axes (`axes=`) which `abscot_jax.sharding` ma
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,32 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(h: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """The LoRA update `(h @ a) @ b * scale` of a projection, h [..., in], a [in, r], b [r, out]."""
+    return (h @ a) @ b * jnp.asarray(scale, h.dtype)
+
+
+def _lora_delta_fwd(h, a, b, scale):
+    ha = h @ a
+    return ha @ b * jnp.asarray(scale, h.dtype), (h, a, b, ha)
+
+
+def _lora_delta_bwd(scale, residuals, g):
+    h, a, b, ha = residuals
+    g_ha = (g @ b.T) * jnp.asarray(scale, g.dtype)
+    d_b = jnp.einsum("...r,...o->ro", ha, g) * jnp.asarray(scale, g.dtype)
+    # d_a = h^T g_ha, computed as (g_ha^T h)^T: left to autodiff, XLA on CPU transposes the whole
+    # [tokens, in] activation for this product; transposing the small [r, in] result is cheaper
+    # (measured: the LoRA step 10.7 s -> 8.7 s on the bench_train model).
+    d_a = jnp.einsum("...r,...i->ri", g_ha, h).T
+    d_h = g_ha @ a.T
+    return d_h.astype(h.dtype), d_a.astype(a.dtype), d_b.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 class Qwen3(nnx.Module):
@@ -179,7 +206,7 @@ class Qwen3(nnx.Module):
                 if use_dropout:
                     keep = jax.random.bernoulli(jax.random.fold_in(key, list(PROJECTIONS).index(name)), 1 - lora_dropout, h.shape)
                     h = jnp.where(keep, h / (1 - lora_dropout), 0).astype(h.dtype)
-                out = out + (h @ p[f"{name}_lora_a"]) @ p[f"{name}_lora_b"] * jnp.asarray(lora_scale, h.dtype)
+                out = out + lora_delta(h, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora_scale)
             return out
 
         if cache is None:

@@ -1,7 +1,7 @@
 """Token-mean next-token cross-entropy over the loss mask, without [B, T, V] logits.
 
 The final hidden states are cut into chunks of `chunk` tokens; each chunk's fp32 logits are made,
-reduced to per-token losses and dropped. `jax.checkpoint` on the chunk makes the backward pass
+reduced to per-token losses and dropped; chunks without loss weight are skipped. `jax.checkpoint` on the chunk makes the backward pass
 recompute them too, so at most one chunk of logits is alive at a time (V = 151,936 for Qwen3:
 8k tokens of full fp32 logits would be 5 GB).
 """
@@ -27,27 +27,37 @@ def loss_sums(model, batch: dict, *, chunk: int = 1024, dropout_key=None) -> dic
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"],
                                     dropout_key=dropout_key)
     weights = batch["loss_mask"].astype(jnp.float32)
-    n = weights.size
-    chunk = min(chunk, n)
-    pad = (-n) % chunk
+    rows, length = weights.shape
+    # Only positions with loss weight need logits (a quarter of a packed Phase A row). Each row's
+    # weighted positions are moved to its front by a stable per-row sort (rows stay on their
+    # devices), and chunks without any weight skip the head matmul. The sums do not depend on order.
+    order = jnp.argsort(weights == 0, axis=1, stable=True)
 
-    def flat(x, fill=0):
-        x = x.reshape(n, *x.shape[2:])
-        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill).reshape(-1, chunk, *x.shape[1:])
+    def front_first(x):
+        return jnp.take_along_axis(x, order.reshape(rows, length, *[1] * (x.ndim - 2)), axis=1)
+
+    hidden, targets, weights = front_first(hidden), front_first(batch["targets"]), front_first(weights)
+    roles = front_first(target_roles(batch["roles"]))
+    span = max(1, min(chunk // rows, length))  # positions per row in a chunk: `chunk` tokens in all
+    pad = (-length) % span
+
+    def chunks(x):  # [rows, length, ...] -> [chunks, rows, span, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(rows, -1, span, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
     def chunk_nll(h, targets):
         logits = model.logits(h)
-        picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return jax.nn.logsumexp(logits, axis=-1) - picked
 
     def body(_, xs):
-        h, targets = xs
-        return None, chunk_nll(h, targets)
+        h, targets, w = xs
+        nll = jax.lax.cond(jnp.any(w > 0), chunk_nll, lambda _, t: jnp.zeros(t.shape, jnp.float32), h, targets)
+        return None, nll
 
-    _, nll = jax.lax.scan(body, None, (flat(hidden), flat(batch["targets"])))
-    nll = nll.reshape(-1)[:n].reshape(weights.shape)
-    roles = target_roles(batch["roles"])
+    _, nll = jax.lax.scan(body, None, (chunks(hidden), chunks(targets), chunks(weights)))
+    nll = jnp.moveaxis(nll, 0, 1).reshape(rows, -1)[:, :length]
     trace_w = weights * (roles == Role.ABSTRACT)
     answer_w = weights * (roles == Role.ANSWER)
     return {
