@@ -50,7 +50,7 @@ def main():
     from abscot_jax.sampling.sampler import Sampler
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({'1 thread' if a.xla_threads else 'all cores'}); "
-          f"torch {torch.__version__}; {os.cpu_count()} cores", flush=True)
+          f"torch {torch.__version__}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_checkpoint(tmp, hidden_size=a.hidden, intermediate_size=a.intermediate,
@@ -117,7 +117,8 @@ def main():
     hf_best = {n: min(v) for n, v in hf_times.items()}
     best_threads = min(hf_best, key=hf_best.get)
     hf_time, jax_time = hf_best[best_threads], min(jax_times)
-    print(f"jax compile: {max(first - jax_time, 0):.2f} s (first call {first:.2f} s)")
+    print(f"jax compile: {max(first - jax_time, 0):.2f} s (first call {first:.2f} s); "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"best: hf {total / hf_time:.1f} tokens/s ({best_threads} thread(s)), jax {total / jax_time:.1f} tokens/s")
     for n, dt in hf_best.items():
         print(f"speedup vs hf with {n} thread(s): {dt / jax_time:.2f}")

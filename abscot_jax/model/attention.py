@@ -49,6 +49,29 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return out.reshape(b, t, h, d)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`masked_attention` over one layer's KV cache, head-major (generation).
+
+    q: [B, T, H, D]; k: [B, KV, D, S] (keys stored transposed); v: [B, KV, S, D]; mask:
+    bool[B, T, S]. Returns [B, T, H, D]. Per (row, kv head) both products are then plain
+    [G*T, D] @ [D, S] and [G*T, S] @ [S, D] matmuls on the cache as stored: no per-step transpose,
+    and on CPU 30-40% less time than keys as [S, D] (measured in a decode step: 8.2 vs 11.5 ms
+    for 8 layers at S=192, 26 vs 44 ms at S=768, batch 32, XLA single-threaded).
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[1]
+    q = q.reshape(b, t, kv, h // kv, d)
+    if k.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        # XLA's CPU dot has no bf16 x bf16 -> fp32 kernel for this form: fp32 operands there.
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
 # ---- blockwise attention (CPU) ------------------------------------------------------------------
 #
 # Flash-attention style: queries in blocks of `block_q` rows, keys in blocks of `block_k`

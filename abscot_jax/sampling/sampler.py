@@ -158,7 +158,9 @@ def _generate(graphdef, params, tokens, positions, segments, rows: Rows, *, max_
     model = nnx.merge(graphdef, params)
     b, p = tokens.shape
     cache = KVCache.zeros(model.config, b, p + max_new)
-    hidden, cache = model.hidden_states(tokens, positions, segments, cache=cache)
+    # Per-layer weights split once, here, outside the decode loop (see Qwen3.layer_params_list).
+    layers = model.layer_params_list()
+    hidden, cache = model.hidden_states(tokens, positions, segments, cache=cache, layers=layers)
     # Left padding puts every row's last prompt token in the last slot.
     state = decode_step(DecodeState.init(rows, max_new), model.logits(hidden[:, -1]), rows, trace)
     next_position = positions[:, -1] + 1
@@ -173,7 +175,7 @@ def _generate(graphdef, params, tokens, positions, segments, rows: Rows, *, max_
         last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=True)
         # A done row keeps computing (static shapes); feed it a valid id, its output is ignored.
         position = (next_position + state.step - 1)[:, None]
-        hidden, cache = model.hidden_states(jnp.maximum(last, 0), position, ones, cache=cache)
+        hidden, cache = model.hidden_states(jnp.maximum(last, 0), position, ones, cache=cache, layers=layers)
         return decode_step(state, model.logits(hidden[:, 0]), rows, trace), cache
 
     state, _ = jax.lax.while_loop(running, one_token, (state, cache))
