@@ -1,7 +1,8 @@
 """Policy iteration: the stages of each round, one run directory, resumable state.
 
     RUN/
-      state.json                 finished stages and what they reported; config; code version
+      state.json                 finished stages and what they reported; config; code version;
+                                 wall and CPU seconds per stage
       config.yaml
       base/                      the starting model (HF) with the abstract vocabulary added
       splits.json                disjoint example ids per round and phase (and the warm-up)
@@ -28,8 +29,10 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import jax
@@ -47,10 +50,21 @@ class RunError(ValueError):
 ROUND_STAGES = ("traces_a", "phase_a", "traces_b", "phase_b", "eval")
 
 
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    """Every process calls it with the same data; process 0 writes, the others wait until it has."""
+    from abscot_jax.sharding import sync_processes
+
+    if jax.process_index() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    sync_processes(f"write {path}")
 
 
 def code_version() -> str:
@@ -78,14 +92,13 @@ class Run:
         self.state["config"] = to_dict(cfg)
         if jax.process_index() == 0:
             (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            self._save_state()
+        self._save_state()
         self._tokenizer = None
         self._examples = None
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def _save_state(self):
-        if jax.process_index() == 0:
-            write_json_atomic(self.state_path, self.state)
+        write_json_atomic(self.state_path, self.state)
 
     def done(self, key: str) -> bool:
         return key in self.state["done"]
@@ -96,8 +109,12 @@ class Run:
             log.info("%s: done, skipped", key)
             return self.state["done"][key]
         print(f"[{self.cfg.name}] {key} ...", flush=True)
+        wall, cpu = time.perf_counter(), process_cpu_seconds()
         result = fn() or {}
         self.state["done"][key] = result
+        # What the stage cost this process (a resumed stage: its last attempt only).
+        self.state.setdefault("seconds", {})[key] = {"wall": time.perf_counter() - wall,
+                                                      "cpu": process_cpu_seconds() - cpu}
         self._save_state()
         return result
 
@@ -166,6 +183,7 @@ class Run:
         from transformers import AutoTokenizer
 
         from abscot_jax.checkpoint import load_hf, save_hf
+        from abscot_jax.sharding import sync_processes
         from abscot_jax.vocab import prepare_model_vocab
 
         m = self.cfg.model
@@ -175,7 +193,9 @@ class Run:
         tokenizer = AutoTokenizer.from_pretrained(m.hf_dir)
         vocab, initialised = (prepare_model_vocab(model, tokenizer, sigma=m.new_row_sigma, seed=self.cfg.train.seed)
                               if m.add_abstract_vocab else (None, False))
-        save_hf(model, self.dir / "base", tokenizer=tokenizer, dtype="float32", overwrite=True)
+        if jax.process_index() == 0:  # every process loaded the same model; one writes it
+            save_hf(model, self.dir / "base", tokenizer=tokenizer, dtype="float32", overwrite=True)
+        sync_processes("write base")
         return {"abstract_rows_initialised": initialised, "vocab_size": model.config.vocab_size}
 
     def load_for_training(self, hf_dir: Path):
@@ -200,14 +220,17 @@ class Run:
     def train_and_export(self, init_dir: Path, examples, phase_dir: Path, out_dir: Path) -> dict:
         from abscot_jax.checkpoint import save_hf
         from abscot_jax.model.lora import merge_lora
-        from abscot_jax.sharding import MeshConfig, make_mesh
+        from abscot_jax.sharding import MeshConfig, gather_params, make_mesh, sync_processes
         from abscot_jax.train.runner import run_phase
 
         mesh_cfg = self.cfg.mesh
         mesh = make_mesh(MeshConfig(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor))
-        model, summary = run_phase(self.load_for_training(init_dir), examples, self.cfg, phase_dir, mesh)
+        model, summary = run_phase(self.load_for_training(init_dir), examples, self.cfg, phase_dir, mesh,
+                                   base_dir=init_dir)
+        gather_params(model)
         if jax.process_index() == 0:
             save_hf(merge_lora(model), out_dir, tokenizer=self.tokenizer, dtype="float32", overwrite=True)
+        sync_processes(f"export {out_dir}")
         return summary
 
     def engine(self, model_dir: Path):

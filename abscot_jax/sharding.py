@@ -12,6 +12,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -114,10 +115,11 @@ def constrain_activations(x: jax.Array) -> jax.Array:
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, **options) -> None:
     """Start multi-host JAX from flags, else the environment (ABSCOT_COORDINATOR, ABSCOT_NUM_PROCESSES,
     ABSCOT_PROCESS_ID), else the cluster environments jax detects itself (SLURM, ...).
-    Does nothing for a single process."""
+    Does nothing for a single process. `options` go to `jax.distributed.initialize`
+    (e.g. heartbeat_timeout_seconds: how soon the others stop when a process dies)."""
     coordinator_address = coordinator_address or os.environ.get("ABSCOT_COORDINATOR")
     if num_processes is None and "ABSCOT_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["ABSCOT_NUM_PROCESSES"])
@@ -125,8 +127,40 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         process_id = int(os.environ["ABSCOT_PROCESS_ID"])
     if coordinator_address is None and num_processes is None:
         if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-            jax.distributed.initialize()  # jax reads SLURM's variables itself
+            jax.distributed.initialize(**options)  # jax reads SLURM's variables itself
         return
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, **options)
     log.info("process %d of %d started", jax.process_index(), jax.process_count())
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send this package's log lines to stderr, tagged with the process index: several processes'
+    logs are often read interleaved."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(
+        f"[process {jax.process_index()}/{jax.process_count()}] %(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("abscot_jax")
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # a root handler (some libraries install one) would print each line again
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process gets here (no-op for one): what one process wrote before is there for all."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def gather_params(model: nnx.Module) -> None:
+    """Replace `model`'s parameters, parts of which live on other processes, with whole copies on
+    this process (a collective: every process calls it), so that it can be read or exported.
+    A no-op for one process, whose devices are all addressable."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    params = multihost_utils.process_allgather(nnx.state(model, nnx.Param), tiled=True)
+    nnx.update(model, jax.tree.map(jnp.asarray, params))

@@ -1,6 +1,12 @@
-"""Export an Orbax checkpoint (from hf_to_flax.py or training) as a Hugging Face Qwen3 directory.
+"""Export a checkpoint (from hf_to_flax.py, or a training phase) as a Hugging Face Qwen3 directory.
 
-    python convert/flax_to_hf.py --ckpt CKPT --out HF [--dtype bfloat16|float32] [--max-shard-size 5GB] [--overwrite]
+    python convert/flax_to_hf.py --ckpt CKPT --out HF [--merge-lora] [--base-dir BASE]
+                                 [--dtype bfloat16|float32] [--max-shard-size 5GB] [--overwrite]
+
+CKPT is a checkpoint from convert/hf_to_flax.py, or a training phase: its directory (RUN/round_1/phase_a,
+the latest step) or one step of it (RUN/round_1/phase_a/checkpoints/40). A LoRA phase holds only
+the adapters and new-token rows: --merge-lora folds them into the base model the phase started from
+(recorded in the phase's phase.json; --base-dir replaces it).
 """
 from __future__ import annotations
 
@@ -11,18 +17,31 @@ from pathlib import Path
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory (params/ + config.json)")
+    parser.add_argument("--ckpt", required=True, type=Path,
+                        help="checkpoint directory (params/ + config.json), or a training phase directory or step")
     parser.add_argument("--out", required=True, type=Path, help="HF directory to create")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="LoRA training checkpoint: merge the adapters into the base weights (required there)")
+    parser.add_argument("--base-dir", type=Path, default=None,
+                        help="training checkpoint: the base model's HF directory, instead of the one in phase.json")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="dtype of the written weights")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 
-    from abscot_jax.checkpoint import export_checkpoint_to_hf
+    from abscot_jax.checkpoint import CheckpointError, export_checkpoint_to_hf
+    from abscot_jax.checkpoint.training import export_phase_checkpoint, find_phase_checkpoint
 
-    export_checkpoint_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite)
+    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    phase = find_phase_checkpoint(args.ckpt)
+    if phase is not None:
+        export_phase_checkpoint(*phase, args.out, merge_lora=args.merge_lora, base_dir=args.base_dir, **options)
+    elif args.base_dir is not None:
+        raise CheckpointError(f"--base-dir is for training-phase checkpoints; {args.ckpt} is not one "
+                              "(a converted checkpoint carries all its weights): drop --base-dir")
+    else:  # a converted checkpoint has no adapters: --merge-lora has nothing to do
+        export_checkpoint_to_hf(args.ckpt, args.out, **options)
     print(f"wrote {args.out}")
 
 

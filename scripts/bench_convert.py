@@ -9,7 +9,7 @@ vocab 32000), then runs each step in its own process and reads that process's ow
 Our peak RSS is the larger of our two processes; our time is their sum. The exported weights are
 checked bit-exact against the source. Last line: `rss_ratio_vs_hf=<float> time_ratio_vs_hf=<float>`.
 
-    python scripts/bench_convert.py [--work DIR] [--layers 8] [--hidden 2048] [--keep]
+    python scripts/bench_convert.py [--work DIR] [--layers 8] [--hidden 2048] [--keep] [--phases]
 """
 from __future__ import annotations
 
@@ -38,6 +38,61 @@ model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 model.save_pretrained(sys.argv[2])
 """
 
+# --phases: CPU seconds (user + system) of each phase of the two round trips, in one process each.
+PHASE_TIMER = """
+import contextlib, gc, os, sys, time
+gc.disable()
+start, totals = (sum(os.times()[:2]), time.perf_counter()), {}
+@contextlib.contextmanager
+def timed(label, since=None):
+    cpu, wall = since or (sum(os.times()[:2]), time.perf_counter())
+    yield
+    total = totals.setdefault(label, [0.0, 0.0])
+    total[0] += sum(os.times()[:2]) - cpu
+    total[1] += time.perf_counter() - wall
+def report():
+    for label, (cpu, wall) in totals.items():
+        print(f"  {label:<44} {cpu:6.2f} s CPU {wall:6.2f} s wall", flush=True)
+"""
+OUR_PHASES = PHASE_TIMER + """
+with timed("ours: imports (jax, flax, orbax, model code)", since=start):
+    import numpy as np
+    from orbax.checkpoint import v1 as ocp
+    from abscot_jax.checkpoint import hf, orbax_io
+gc.freeze(); gc.enable()
+src, ckpt, out = map(os.path.abspath, sys.argv[1:4])
+cfg, reader = hf.open_hf_dir(src, param_dtype="float32", compute_dtype="float32")
+leaves = hf.abstract_model(cfg)[1].to_pure_dict()
+buffer = np.empty(max(leaf.size * 4 for leaf in leaves.values()), np.uint8)  # reused, as the CLI does
+view = lambda name: buffer[: leaves[name].size * 4].view(np.float32).reshape(leaves[name].shape)
+with orbax_io._orbax_context():
+    for name, leaf in leaves.items():
+        with timed("ours: read safetensors + transpose"):
+            hf.read_param(reader, name, leaf.shape, leaf.dtype, out=view(name))
+        with timed("ours: Orbax partial saves"):
+            ocp.partial.save(os.path.join(ckpt, "params"), {name: view(name)})
+    with timed("ours: Orbax partial saves"):
+        ocp.partial.finalize(os.path.join(ckpt, "params"))
+with orbax_io._orbax_context(partial_load=True):
+    for name, leaf in leaves.items():
+        with timed("ours: Orbax partial loads"):
+            ocp.load(os.path.join(ckpt, "params"), {name: np.empty(leaf.shape, leaf.dtype)})
+with timed("ours: transpose + write safetensors"):  # from the buffer: the loads are timed above
+    hf.write_hf_dir(cfg, hf.hf_tensors(cfg, view), out, dtype="float32")
+report()
+"""
+HF_PHASES = PHASE_TIMER + """
+with timed("transformers: imports (torch, transformers)", since=start):
+    import torch
+    from transformers import AutoModelForCausalLM
+gc.freeze(); gc.enable()
+with timed("transformers: from_pretrained"):
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+with timed("transformers: save_pretrained"):
+    model.save_pretrained(sys.argv[2])
+report()
+"""
+
 
 def make_source(path: Path, args) -> int:
     """A random HF checkpoint written tensor by tensor (no model ever held in memory)."""
@@ -63,6 +118,12 @@ def make_source(path: Path, args) -> int:
     write_safetensors(path / "model.safetensors", layout, tensors(), np.dtype(np.float32))
     (path / "config.json").write_text(json.dumps(hf_config_dict(cfg, None, "float32"), indent=2))
     make_tokenizer(path)
+    # write_safetensors bypasses the page cache: read the file once so that every contender
+    # starts from the same warm cache (the first reader would otherwise pay the disk alone).
+    with open(path / "model.safetensors", "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        while f.readinto(buf):
+            pass
     return (path / "model.safetensors").stat().st_size
 
 
@@ -104,6 +165,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--phases", action="store_true",
+                        help="then time each phase (imports, reads, Orbax saves and loads, writes) of both "
+                             "round trips, one process each (CPU s = user + system)")
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_convert_"))
@@ -129,6 +193,12 @@ def main() -> None:
               f"transformers {th:.1f} s ({ch:.1f} s CPU), {rh:.2f} GB; round trip bit-exact on {n} tensors; "
               f"load average {os.getloadavg()[0]:.1f} at end")
         print(f"cpu_ratio_vs_hf={(c1 + c2) / ch:.3f}")
+        if args.phases:
+            for d in (ckpt, ours, theirs):
+                shutil.rmtree(d)
+            for script, dirs in ((OUR_PHASES, (src, ckpt, ours)), (HF_PHASES, (src, theirs))):
+                subprocess.run([py, "-c", script, *map(str, dirs)], cwd=REPO, check=True,
+                               env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
         print(f"rss_ratio_vs_hf={ours_rss / rh:.3f} time_ratio_vs_hf={ours_time / th:.3f}")
     finally:
         if not args.keep:

@@ -19,7 +19,7 @@ from abscot_jax.checkpoint import (
     CheckpointError, convert_hf_to_checkpoint, export_checkpoint_to_hf, iter_hf_tensors, load_checkpoint,
     load_hf, save_checkpoint, save_hf,
 )
-from abscot_jax.checkpoint.hf import SafetensorsDir
+from abscot_jax.checkpoint.hf import SafetensorsDir, SequentialWriter
 from abscot_jax.fixtures import make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,6 +197,21 @@ def test_export_keeps_vocab_in_step_with_embedding(tiny_hf_dir, tmp_path):
     out = save_hf(model, tmp_path / "out", tokenizer_dir=tiny_hf_dir)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
     assert AutoModelForCausalLM.from_pretrained(str(out)).get_input_embeddings().weight.shape[0] == rows
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_sequential_writer_writes_exactly_the_bytes_given(tmp_path, monkeypatch, direct):
+    """Through its buffer, across buffer boundaries, with an unaligned tail; O_DIRECT or not."""
+    if not direct:
+        monkeypatch.delattr("os.O_DIRECT", raising=False)
+    rng = np.random.default_rng(0)
+    size = SequentialWriter.BUFFER_BYTES
+    sizes = [5, size - 5, 4096, size + 1, *rng.integers(1, 1 << 20, 8)]
+    chunks = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in sizes]
+    with SequentialWriter(tmp_path / "f") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    assert (tmp_path / "f").read_bytes() == b"".join(chunks)
 
 
 def test_tensor_stream_seam_and_failed_write_leaves_nothing(tiny_hf_dir, tmp_path):

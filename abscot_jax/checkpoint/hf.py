@@ -9,8 +9,10 @@ one, so host memory holds about one parameter (the stacked array being split) at
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
+import mmap
 import os
 import re
 import secrets
@@ -364,6 +366,81 @@ def _write_rows(f, value: np.ndarray, dtype: np.dtype) -> None:
         f.write(out.reshape(-1).view(np.uint8).data)
 
 
+class SequentialWriter:
+    """A file written front to back through one page-aligned buffer, with O_DIRECT where the file
+    system takes it. A buffered write copies every byte into the page cache: on our development VM
+    that cost about 2.5 s of kernel CPU per GB, the largest single cost of an export (a direct
+    write: about 0.15 s). Where O_DIRECT is refused (tmpfs, some network file systems) it writes
+    through the page cache as usual."""
+
+    ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of the block size
+    BUFFER_BYTES = 8 << 20
+
+    def __init__(self, path: Path):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        direct = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere plain writes
+        self.fd = None
+        if direct:
+            try:
+                self.fd = os.open(path, flags | direct)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        self.direct = self.fd is not None
+        if self.fd is None:
+            self.fd = os.open(path, flags)
+        self.buffer = mmap.mmap(-1, self.BUFFER_BYTES)  # anonymous memory is page-aligned
+        self.view = memoryview(self.buffer)
+        self.fill = self.size = 0
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while len(data):
+            n = min(len(data), self.BUFFER_BYTES - self.fill)
+            self.view[self.fill:self.fill + n] = data[:n]
+            self.fill += n
+            self.size += n
+            data = data[n:]
+            if self.fill == self.BUFFER_BYTES:
+                self._flush(self.BUFFER_BYTES)
+
+    def _flush(self, nbytes: int) -> None:
+        done = 0
+        while done < nbytes:
+            try:
+                done += os.write(self.fd, self.view[done:nbytes])
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                # The file system wants another alignment: carry on through the page cache.
+                import fcntl
+
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+        self.fill = 0
+
+    def close(self, flush: bool = True) -> None:
+        """Write what is buffered (a direct write is padded to the block size, the file then cut
+        to its true length) and close."""
+        try:
+            if flush and self.fill:
+                end = -(-self.fill // self.ALIGN) * self.ALIGN if self.direct else self.fill
+                self.view[self.fill:end] = bytes(end - self.fill)
+                self._flush(end)
+                if end != self.fill:
+                    os.ftruncate(self.fd, self.size)
+        finally:
+            os.close(self.fd)
+            self.view.release()
+            self.buffer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(flush=exc_type is None)  # after an error the file is discarded: no more writes
+
+
 def write_safetensors(path: Path, layout, tensors: Iterator[tuple[str, np.ndarray]], dtype: np.dtype) -> None:
     """Header from the shapes, then each tensor written as soon as it arrives."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -373,7 +450,7 @@ def write_safetensors(path: Path, layout, tensors: Iterator[tuple[str, np.ndarra
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors itself writes it
-    with open(path, "wb") as f:
+    with SequentialWriter(path) as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for hf_name, shape in layout:

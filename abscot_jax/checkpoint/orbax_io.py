@@ -93,8 +93,8 @@ def _open_checkpoint(ckpt_dir: str | Path, overrides: dict) -> tuple[Path, dict,
     ckpt_dir = Path(ckpt_dir).absolute()
     if not (ckpt_dir / PARAMS).is_dir():
         raise CheckpointError(
-            f"{ckpt_dir} has no {PARAMS}/ directory: not a checkpoint of this project; "
-            "create one with convert/hf_to_flax.py"
+            f"{ckpt_dir} has no {PARAMS}/ directory and no checkpoints/: neither a checkpoint from "
+            "convert/hf_to_flax.py nor a training phase directory; pass one of those"
         )
     hf = read_hf_config(ckpt_dir)
     saved_dtype = hf.get("dtype") or hf.get("torch_dtype")

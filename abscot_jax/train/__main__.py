@@ -17,20 +17,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from abscot_jax import rounds
     from abscot_jax.data.dolci import DataError
-    from abscot_jax.train.runner import TrainingDiverged
+    from abscot_jax.train.runner import ProcessLost, TrainingDiverged
     from abscot_jax.vocab import VocabError
 
     def train(_):
-        from abscot_jax.sharding import initialize_distributed
+        from abscot_jax.sharding import configure_logging, initialize_distributed
 
         initialize_distributed()
+        configure_logging()
         cfg = load_config(args.config, args.set)
         which = list(range(1, cfg.rounds + 1)) if args.rounds else [args.round]
         if args.round is not None and not 1 <= args.round <= cfg.rounds:
             raise rounds.RunError(f"--round {args.round} is outside 1..{cfg.rounds} (config rounds={cfg.rounds})")
         rounds.run(cfg, which, tuple(args.stage) if args.stage else rounds.ROUND_STAGES)
 
-    return run_cli(train, None, (*USER_ERRORS, DataError, VocabError, rounds.RunError, TrainingDiverged))
+    return run_cli(train, None, (*USER_ERRORS, DataError, VocabError, rounds.RunError, TrainingDiverged, ProcessLost))
 
 
 if __name__ == "__main__":

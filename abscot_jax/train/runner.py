@@ -30,6 +30,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class ProcessLost(RuntimeError):
+    """A step across several processes failed, most likely because one of them died."""
+
+
 def count_steps(examples, cfg: RunConfig) -> int:
     """Optimizer steps for the configured epochs: packing decides how many rows there are."""
     t = cfg.train
@@ -59,7 +63,9 @@ class MetricsLog:
                             if r["step"] <= resume_step]
         self.tb = None
         if jax.process_index() == 0:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            tmp = self.path.with_name(self.path.name + ".tmp")  # replaced whole: other processes read it now
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            tmp.replace(self.path)
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
@@ -93,12 +99,18 @@ def _global_batch(local: dict, grad_accum: int, mesh) -> dict:
     return out
 
 
-def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, progress: bool = True):
+def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, progress: bool = True,
+              base_dir: str | Path | None = None):
     """Train `model` on `examples` (SequenceExample list) per cfg.train; resumes from out_dir's
-    latest checkpoint. Returns (trained model, summary dict)."""
+    latest checkpoint. Returns (trained model, summary dict). `base_dir`: the HF directory `model`
+    was loaded from, recorded in out_dir/phase.json so convert/flax_to_hf.py can export a checkpoint."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
+    if jax.process_index() == 0:
+        from abscot_jax.checkpoint.training import phase_meta, write_phase_meta
+
+        write_phase_meta(out_dir, phase_meta(model, t.mode, t.train_embedding, base_dir))
     if t.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the process count {jax.process_count()}")
     total_steps = count_steps(examples, cfg)
@@ -139,15 +151,23 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
     for step in range(start, total_steps):
         tick = time.perf_counter()
         batch = _global_batch(next(data_iter), t.grad_accum, mesh)
-        metrics = {k: float(v) for k, v in trainer(batch).items()}
+        try:
+            metrics = {k: float(v) for k, v in trainer(batch).items()}
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            # A dead peer shows as a failed collective (e.g. "Connection reset by peer").
+            raise ProcessLost(
+                f"process {jax.process_index()}: step {step + 1} failed in a computation across the "
+                f"{jax.process_count()} processes ({str(e).splitlines()[0][:200]}); another process has most "
+                f"likely died, see its log. Restart all of them to resume; last checkpoint: "
+                f"{_last_checkpoint(manager, out_dir)}") from e
         elapsed = time.perf_counter() - tick
         if not math.isfinite(metrics["loss"]):
-            latest = manager.latest_step()
+            latest = _last_checkpoint(manager, out_dir)
             manager.close()
-            raise TrainingDiverged(
-                f"loss is {metrics['loss']} at step {step + 1}; stopped. Last good checkpoint: "
-                f"{'step ' + str(latest) if latest is not None else 'none'} in {out_dir / 'checkpoints'}; "
-                "lower optim.learning_rate or check the data")
+            raise TrainingDiverged(f"loss is {metrics['loss']} at step {step + 1}; stopped. Last good checkpoint: "
+                                   f"{latest}; lower optim.learning_rate or check the data")
         record = {"step": step + 1, **metrics, "seconds": elapsed,
                   "tokens_per_s": metrics["tokens"] / elapsed,
                   "mfu": (metrics["tokens"] * fpt / elapsed / peak) if peak else None}
@@ -168,12 +188,31 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
     return trainer.model(), summary
 
 
+def _last_checkpoint(manager, out_dir: Path) -> str:
+    latest = manager.latest_step()
+    return f"{'step ' + str(latest) if latest is not None else 'none'} in {out_dir / 'checkpoints'}"
+
+
 def _save(manager, step: int, state: dict, data_iter) -> None:
+    # Every process calls save: each writes its shards of the arrays. The JSON item is written by
+    # process 0 alone, so it holds every process's data position (each reads its own shard).
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_iter.get_state()),
+        data=ocp.args.JsonSave({"processes": _all_processes(data_iter.get_state())}),
     ))
     manager.wait_until_finished()
+
+
+def _all_processes(state: dict) -> list[dict]:
+    """This process's JSON-able `state` from every process, in process order (a collective)."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.int32(blob.size))))
+    blobs = multihost_utils.process_allgather(np.pad(blob, (0, size - blob.size)))
+    return [json.loads(bytes(b).rstrip(b"\0")) for b in blobs]  # JSON text never contains NUL
 
 
 def _restore_latest(manager, trainer: TrainStep, saved_part, data_iter, wrt) -> int | None:
@@ -193,6 +232,11 @@ def _restore_latest(manager, trainer: TrainStep, saved_part, data_iter, wrt) -> 
             state.replace_by_pure_dict(restored["state"][part])
             nnx.update(module, state)
         trainer.state = nnx.state((model, optimizer))
-        data_iter.set_state(restored["data"])
+        positions = restored["data"]["processes"]
+        if len(positions) != jax.process_count():  # the shards differ: no data position to resume from
+            raise ConfigError(f"the checkpoint at step {step} in {manager.directory} was written by {len(positions)} "
+                              f"process(es), this run has {jax.process_count()}; resume with "
+                              f"{len(positions)} or start the phase afresh in a new directory")
+        data_iter.set_state(positions[jax.process_index()])
         return step
     return None
