@@ -2,6 +2,7 @@
 
 ABSCOT_KILL_IN names a place where the process SIGKILLs itself once, mid-stage:
   phase_a_step   after the second optimizer step of round 1's Phase A
+  phase_b_step   after the second optimizer step of round 1's Phase B
   export         while writing the safetensors of the first HF export after the warm-up/base
   traces_a_r2    inside round 2's trace sampling (Phase A traces from round 1's model)
   eval           inside the last evaluation, before its files are written
@@ -24,17 +25,23 @@ def main(run_root: str, data_dir: str, rounds: int):
 
     fault = os.environ.get("ABSCOT_KILL_IN", "")
     marker = Path(run_root) / f"killed_{fault}"
-    if fault == "phase_a_step":
+    if fault in ("phase_a_step", "phase_b_step"):
         from abscot_jax.train import step
 
-        call = step.TrainStep.__call__
+        call, train_phase = step.TrainStep.__call__, driver.Run.train_and_export_phase
+        current_phase = []
+
+        def tracking_phase(self, t, phase):
+            current_phase[:] = [phase]
+            return train_phase(self, t, phase)
 
         def killing_call(self, batch):
             out = call(self, batch)
-            if self.step == 2:
+            if current_phase == [fault[6]] and self.step == 2:
                 kill_once(marker)
             return out
 
+        driver.Run.train_and_export_phase = tracking_phase
         step.TrainStep.__call__ = killing_call
     elif fault == "export":
         from abscot_jax.checkpoint import hf

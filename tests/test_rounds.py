@@ -51,7 +51,7 @@ def test_driver_runs_every_stage_and_resumes_after_kills(tmp_path, tiny_data):
     assert "Round 2" in report
 
     killed = tmp_path / "killed"
-    for fault in ("phase_a_step", "export", "traces_a_r2", "eval"):
+    for fault in ("phase_a_step", "export", "phase_b_step", "traces_a_r2", "eval"):
         result = run_driver(killed, tiny_data, fault=fault)
         assert result.returncode == -9, (fault, result.stderr[-3000:])
     final = run_driver(killed, tiny_data)
