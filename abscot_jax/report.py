@@ -91,30 +91,47 @@ def load_run(run_dir: str | Path) -> dict:
 
 # ---- formatting -------------------------------------------------------------------------------
 
-def _num(x) -> float | None:
+def as_number(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def fmt_accuracy(summary: dict | None) -> str:
     """'62.0% [52.0%, 71.0%]' (the 95% CI), with pass@1 sd and errors when there are any."""
-    acc = _num((summary or {}).get("accuracy"))
+    acc = as_number((summary or {}).get("accuracy"))
     if acc is None:
         return DASH
     text = f"{100 * acc:.1f}%"
     ci = summary.get("accuracy_ci")
-    if isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+    if isinstance(ci, list) and len(ci) == 2 and all(as_number(c) is not None for c in ci):
         text += f" [{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]"
     p1 = summary.get("pass_at_1")
-    if isinstance(p1, dict) and _num(p1.get("sd")) is not None:
+    if isinstance(p1, dict) and as_number(p1.get("sd")) is not None:
         text += f" (k={summary.get('samples_per_problem')}, pass@1 sd {100 * p1['sd']:.1f}%)"
-    if _num(summary.get("errors")):
+    if as_number(summary.get("errors")):
         text += f" ({summary['errors']} failed)"
     return text
 
 
-def _fmt(x, spec: str = ".1f") -> str:
-    x = _num(x)
+def fmt_number(x, spec: str = ".1f") -> str:
+    x = as_number(x)
     return DASH if x is None else format(x, spec)
+
+
+DIAGNOSTICS_COLUMNS = ("Own trace", "Random trace", "Shuffled trace", "Entropy (nats)", "Distinct traces",
+                       "Mean trace length")
+
+
+def diagnostics_cells(d: dict | None) -> list[str]:
+    """The cells of DIAGNOSTICS_COLUMNS for an evaluation's `diagnostics` (dashes when missing)."""
+    if not isinstance(d, dict):
+        return [DASH] * len(DIAGNOSTICS_COLUMNS)
+    length = d.get("trace_length") or {}
+    ci = d.get("own_accuracy_ci") or [None, None]
+    return [f"{fmt_number(d.get('own_accuracy'), '.3f')} [{fmt_number(ci[0], '.3f')}, {fmt_number(ci[1], '.3f')}]",
+            fmt_number(d.get("random_accuracy"), ".3f"), fmt_number(d.get("shuffled_accuracy"), ".3f"),
+            f"{fmt_number(d.get('entropy_nats'), '.2f')} of {fmt_number(d.get('entropy_max_nats'), '.2f')}",
+            f"{d.get('distinct_traces', DASH)} of {d.get('n_traces', DASH)}",
+            f"{fmt_number(length.get('mean'))} (min {length.get('min', DASH)}, max {length.get('max', DASH)})"]
 
 
 def _histogram_text(hist: dict | None, width: int = 30) -> list[str]:
@@ -140,31 +157,21 @@ def render_markdown(run: dict) -> str:
     for mode, label in BASELINES:
         summary = run["baselines"][mode]
         if summary is not None or mode == "verbal":  # the direct answer only when it was evaluated
-            out.append(f"| {label} | {fmt_accuracy(summary)} | {_fmt((summary or {}).get('mean_generated_tokens'))} |")
+            out.append(f"| {label} | {fmt_accuracy(summary)} | {fmt_number((summary or {}).get('mean_generated_tokens'))} |")
     for t, r in run["rounds"].items():
         out.append(f"| Round {t} (abstract) | {fmt_accuracy(r['eval'])} | "
-                   f"{_fmt((r['eval'] or {}).get('mean_generated_tokens'))} |")
+                   f"{fmt_number((r['eval'] or {}).get('mean_generated_tokens'))} |")
     out += ["", "Accuracy: mean over problems (and samples) with the 95% bootstrap CI over problems. Mean tokens: "
             "everything generated (trace and its delimiters, answer, end of turn).", ""]
 
     out += ["## Trace diagnostics", "",
             "Accuracy with the model's own trace, a random trace of the same length and its own tokens shuffled; "
             "a trace carries information only if own beats random by more than the CI.", "",
-            "| Round | Own trace | Random trace | Shuffled trace | Entropy (nats) | Distinct traces | Mean trace length | Verdict |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| Round | " + " | ".join(DIAGNOSTICS_COLUMNS) + " | Verdict |", "|---" * (len(DIAGNOSTICS_COLUMNS) + 2) + "|"]
     for t, r in run["rounds"].items():
         d = (r["eval"] or {}).get("diagnostics")
-        if not isinstance(d, dict):
-            out.append(f"| {t} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} |")
-            continue
-        length = d.get("trace_length") or {}
-        ci = d.get("own_accuracy_ci") or [None, None]
-        out.append(
-            f"| {t} | {_fmt(d.get('own_accuracy'), '.3f')} [{_fmt(ci[0], '.3f')}, {_fmt(ci[1], '.3f')}] "
-            f"| {_fmt(d.get('random_accuracy'), '.3f')} | {_fmt(d.get('shuffled_accuracy'), '.3f')} "
-            f"| {_fmt(d.get('entropy_nats'), '.2f')} of {_fmt(d.get('entropy_max_nats'), '.2f')} "
-            f"| {d.get('distinct_traces', DASH)} of {d.get('n_traces', DASH)} | {_fmt(length.get('mean'))} "
-            f"(min {length.get('min', DASH)}, max {length.get('max', DASH)}) | {d.get('verdict', DASH)} |")
+        cells = diagnostics_cells(d) + [d.get("verdict", DASH) if isinstance(d, dict) else DASH]
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
 
     out += ["", "## Training loss (first and last step)", "",
             "| Round | Phase A start | Phase A end | Phase B start | Phase B end |", "|---|---|---|---|---|"]
@@ -172,7 +179,7 @@ def render_markdown(run: dict) -> str:
         cells = []
         for ph in PHASES:
             points = r["losses"][ph]
-            cells += [_fmt(points[0][1], ".4f"), _fmt(points[-1][1], ".4f")] if points else [DASH, DASH]
+            cells += [fmt_number(points[0][1], ".4f"), fmt_number(points[-1][1], ".4f")] if points else [DASH, DASH]
         out.append(f"| {t} | " + " | ".join(cells) + " |")
 
     out += ["", "## Trace lengths", ""]
@@ -189,7 +196,7 @@ def render_markdown(run: dict) -> str:
 
 # ---- plots ------------------------------------------------------------------------------------
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     os.replace(tmp, path)
@@ -214,7 +221,7 @@ def plot_losses(run: dict, path: Path) -> None:
             ax.legend()
         else:
             ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -225,7 +232,7 @@ def plot_accuracy_vs_tokens(run: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     def point(summary):
-        acc, tokens = _num((summary or {}).get("accuracy")), _num((summary or {}).get("mean_generated_tokens"))
+        acc, tokens = as_number((summary or {}).get("accuracy")), as_number((summary or {}).get("mean_generated_tokens"))
         return None if acc is None or tokens is None else (tokens, acc, (summary or {}).get("accuracy_ci"))
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -234,7 +241,7 @@ def plot_accuracy_vs_tokens(run: dict, path: Path) -> None:
     drawn = [(label, p) for label, p in labelled if p is not None]
     for label, (tokens, acc, ci) in drawn:
         err = None
-        if isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+        if isinstance(ci, list) and len(ci) == 2 and all(as_number(c) is not None for c in ci):
             err = [[max(0.0, acc - ci[0])], [max(0.0, ci[1] - acc)]]
         ax.errorbar([tokens], [acc], yerr=err, fmt="o", capsize=3)
         ax.annotate(label, (tokens, acc), textcoords="offset points", xytext=(5, 5))
@@ -244,7 +251,7 @@ def plot_accuracy_vs_tokens(run: dict, path: Path) -> None:
     if not drawn:
         ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="mean generated tokens", ylabel="accuracy", title="Accuracy vs mean tokens")
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 

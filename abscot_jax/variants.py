@@ -388,7 +388,7 @@ def cot_code_traces(model, builder, examples, *, code_layer: int = -1, codes_per
         "levels": [{"inertia": inertia, "inertia_fraction": inertia / total_ss if total_ss else 0.0,
                     **usage_stats(codes_all[:, level])} for level, inertia in enumerate(inertias)],
     }
-    if out_dir is not None:
+    if out_dir is not None and jax.process_index() == 0:  # every process fits the same codebook; one writes
         save_codebook(Path(out_dir), codebooks, layer, stats)
     return traces, stats
 

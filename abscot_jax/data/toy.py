@@ -14,14 +14,24 @@ from pathlib import Path
 import numpy as np
 
 
+QUESTION_PREFIX = "Running sum mod 10 of: "
+
+
 def running_sum_problem(rng: np.random.Generator, min_digits: int, max_digits: int) -> dict:
     digits = rng.integers(0, 10, size=int(rng.integers(min_digits, max_digits + 1)))
     sums = np.cumsum(digits) % 10
     return {
-        "question": "Running sum mod 10 of: " + " ".join(map(str, digits)),
+        "question": QUESTION_PREFIX + " ".join(map(str, digits)),
         "cot": "\n".join(map(str, sums)),
         "answer": str(sums[-1]),
     }
+
+
+def partial_sums(question: str) -> list[int]:
+    """The running sums mod 10 of a problem, from its question text (the CoT's lines, as ints)."""
+    if not question.startswith(QUESTION_PREFIX):
+        raise ValueError(f"not a running-sum question: {question[:60]!r}")
+    return [int(s) for s in np.cumsum([int(d) for d in question[len(QUESTION_PREFIX):].split()]) % 10]
 
 
 def _write_jsonl(path: Path, rows) -> None:
