@@ -42,11 +42,14 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bskd->btkgd", _masked_probs(scores, mask, d, v.dtype), v)
     return out.reshape(b, t, h, d)
+
+
+def _masked_probs(scores: jax.Array, mask: jax.Array, head_dim: int, dtype) -> jax.Array:
+    """Softmax over keys of fp32 scores [B, KV, G, T, S], scaled, where mask [B, T, S] allows."""
+    scores = jnp.where(mask[:, None, None], scores * (head_dim**-0.5), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -65,10 +68,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
         # XLA's CPU dot has no bf16 x bf16 -> fp32 kernel for this form: fp32 operands there.
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     scores = jnp.einsum("btkgd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", _masked_probs(scores, mask, d, v.dtype), v)
     return out.reshape(b, t, h, d)
 
 
