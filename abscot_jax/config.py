@@ -22,8 +22,9 @@ class ModelSection:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # none | layer
-    # auto: the blockwise kernel on CPU (faster than dense XLA at every size measured), XLA elsewhere
-    attention_impl: str = "auto"  # auto | blockwise | xla
+    # xla (dense reference) | blockwise | auto (blockwise on CPU, xla elsewhere); see docs/BENCHMARKS.md
+    # "Training step" for why the default stays xla
+    attention_impl: str = "xla"
     add_abstract_vocab: bool = True  # extend the tokenizer and (re)initialise the new rows
     new_row_sigma: float = 0.02
 
