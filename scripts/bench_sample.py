@@ -38,7 +38,9 @@ def main():
     if a.xla_threads == 1:  # before jax starts
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    from abscot_jax.hostmem import keep_freed_memory
 
+    keep_freed_memory()  # as the sampling commands do (abscot_jax/hostmem.py); torch here benefits too
     import jax
     import numpy as np
     import torch

@@ -25,6 +25,7 @@ import torch
 from flax import nnx
 
 from abscot_jax.config import OptimSection, TrainSection
+from abscot_jax.hostmem import keep_freed_memory
 from abscot_jax.model.attention import Role, reference_mask
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
@@ -213,6 +214,7 @@ def attention_layer_times(batch: dict, args, reps: int = 5) -> dict[str, float]:
 
 
 def main():
+    keep_freed_memory()  # as the train command does (abscot_jax/hostmem.py); torch here benefits too
     args = parse_args()
     optim = OptimSection(learning_rate=1e-4, warmup_ratio=0.0, clip_norm=1.0)
     rng = np.random.default_rng(args.seed)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from abscot_jax.eval.evaluate import HUB_ID, MODES, dataset_name, evaluate, summary_lines, write_results
+from abscot_jax.hostmem import keep_freed_memory
 
 
 def build_engine(name: str, model_dir: str, max_batch: int):
@@ -23,6 +24,7 @@ def build_engine(name: str, model_dir: str, max_batch: int):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # XLA's per-call temporaries: see abscot_jax/hostmem.py
     p = argparse.ArgumentParser(prog="python -m abscot_jax.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="exported HF model directory (config.json, safetensors, tokenizer)")
     p.add_argument("--data", required=True, help=f"'math500' ({HUB_ID}) or a .jsonl/.json/.parquet file in its schema")

@@ -4,9 +4,11 @@ import sys
 
 from abscot_jax.checkpoint import USER_ERRORS, run_cli
 from abscot_jax.config import load_config
+from abscot_jax.hostmem import keep_freed_memory
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()  # XLA's per-call temporaries: see abscot_jax/hostmem.py
     p = argparse.ArgumentParser(prog="python -m abscot_jax.train", description="Run Abstract-CoT rounds.")
     p.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
     which = p.add_mutually_exclusive_group(required=True)
