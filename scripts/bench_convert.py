@@ -130,6 +130,9 @@ def make_source(path: Path, args) -> int:
 def run(label: str, cmd: list[str]) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds (user + system) and peak RSS (GB) of one child process."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Every contender writes ~2 GB through the page cache; flush the previous one's dirty pages
+    # first, or the kernel throttles this one's writes to pay for them (seen: 2-3x slower saves).
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read()
@@ -197,6 +200,7 @@ def main() -> None:
             for d in (ckpt, ours, theirs):
                 shutil.rmtree(d)
             for script, dirs in ((OUR_PHASES, (src, ckpt, ours)), (HF_PHASES, (src, theirs))):
+                os.sync()  # as in run()
                 subprocess.run([py, "-c", script, *map(str, dirs)], cwd=REPO, check=True,
                                env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
         print(f"rss_ratio_vs_hf={ours_rss / rh:.3f} time_ratio_vs_hf={ours_time / th:.3f}")
