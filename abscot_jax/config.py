@@ -119,6 +119,7 @@ class VariantsSection:
     round1_traces: str = "random"  # random (the paper's rule) | cot_codes (k-means codes of the CoT steps)
     code_layer: int = -1  # cot_codes: layer of the step hidden states (-1 = middle, 0 = embeddings)
     codes_per_step: int = 1  # cot_codes: residual-quantisation levels (tokens per step)
+    trace_prior_weight: float = 0.0  # best_of_k: score = log p(y | x, z) + this * log p(z | x)
 
 
 @dataclasses.dataclass
@@ -158,8 +159,9 @@ class RunConfig:
             (v.trace_selection in ("none", "best_of_k"),
              "variants.trace_selection must be 'none' or 'best_of_k'"),
             (v.k >= 1, "variants.k must be >= 1"),
-            (v.trace_selection == "best_of_k" or not (v.select_phase_b or v.weight_by_score),
-             "variants.select_phase_b and variants.weight_by_score need variants.trace_selection=best_of_k"),
+            (v.trace_selection == "best_of_k" or not (v.select_phase_b or v.weight_by_score or v.trace_prior_weight),
+             "variants.select_phase_b, weight_by_score and trace_prior_weight need variants.trace_selection=best_of_k"),
+            (v.trace_prior_weight >= 0, "variants.trace_prior_weight must be >= 0"),
             (v.round1_traces in ("random", "cot_codes"),
              "variants.round1_traces must be 'random' or 'cot_codes'"),
             (v.code_layer >= -1, "variants.code_layer must be -1 (middle layer) or a layer number >= 0"),

@@ -268,7 +268,8 @@ class Run:
             m = self.cfg.model
             scorer = variants.scoring_model(engine, model_dir, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype)
             selection = variants.select_traces(engine, scorer, builder, examples, requests, v.k,
-                                               rows=self.cfg.train.batch_size, chunk=self.cfg.train.loss_chunk)
+                                               rows=self.cfg.train.batch_size, chunk=self.cfg.train.loss_chunk,
+                                               trace_prior_weight=v.trace_prior_weight)
             write_json_atomic(out.with_name(out.stem + "_candidates.json"), selection.candidates)
             traces, cost = selection.best, {"selection": f"best_of_{v.k}", **selection.cost}
         else:

@@ -3,7 +3,8 @@
     bottleneck: two_pass          Phase A as two packed passes: [x; c; z] with loss on z and
                                   [x; z; y] with loss on y. The answer sees c only through z's tokens.
     trace_selection: best_of_k    k constrained traces per example; keep the one under which the gold
-                                  answer is most likely given [x; z] alone (or all, weighted).
+                                  answer is most likely given [x; z] alone (or all, weighted);
+                                  `trace_prior_weight` w adds w * log p(z | x) to that score.
     round1_traces: cot_codes      round-1 traces = k-means codes of the hidden states of the CoT steps.
 
 The paper's method (paper / none / random) stays the default; the round driver (rounds.py) calls
@@ -66,9 +67,11 @@ def _residual_stream(model, batch, num_layers: int):
 
 
 @nnx.jit(static_argnames=("chunk",))
-def _answer_token_logprobs(model, batch, chunk: int):
-    """log p(target) at every position whose target is an ANSWER token of the loss mask, else 0.
-    Logits are made `chunk` tokens at a time (never [B, T, vocab] at once)."""
+def _answer_and_trace_logprobs(model, batch, chunk: int):
+    """log p(target) at the positions whose target is an ANSWER token of the loss mask, and at those
+    inside the trace whose target is a trace token or `<endabstract>` (z given x and the forced
+    `<beginabstract>`, whatever the loss mask says); 0 elsewhere. Two [B, T] arrays. Logits are
+    made `chunk` tokens at a time (never [B, T, vocab] at once)."""
     hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"])
     b, t, d = hidden.shape
     n = b * t
@@ -83,8 +86,10 @@ def _answer_token_logprobs(model, batch, chunk: int):
         return jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
 
     logp = jax.lax.map(one_chunk, (h, y)).reshape(-1)[:n].reshape(b, t)
-    weight = batch["loss_mask"] * (target_roles(batch["roles"]) == Role.ANSWER)
-    return jnp.where(weight > 0, logp, 0.0)
+    roles, targets = batch["roles"], target_roles(batch["roles"])
+    answer = (batch["loss_mask"] > 0) & (targets == Role.ANSWER)
+    trace = (roles == Role.ABSTRACT) & (targets == Role.ABSTRACT)
+    return jnp.where(answer, logp, 0.0), jnp.where(trace, logp, 0.0)
 
 
 def role_runs(tokens: np.ndarray, roles: np.ndarray) -> list[tuple[np.ndarray, Role]]:
@@ -144,25 +149,27 @@ def candidate_requests(requests: Sequence[SamplingRequest], k: int) -> list[Samp
             for r in requests for j in range(k)]
 
 
-def answer_logliks(model, builder, pairs: Sequence[tuple[object, Sequence[int]]], *, rows: int,
-                   chunk: int = 1024) -> tuple[np.ndarray, dict]:
-    """log p(y | x, <beginabstract> z <endabstract>) of each (example, trace): the Phase B sequence,
-    packed, one forward per batch of `rows` rows; -inf where it does not fit seq_len. Returns the
-    scores and the cost (tokens scored, forwards)."""
+def candidate_logliks(model, builder, pairs: Sequence[tuple[object, Sequence[int]]], *, rows: int,
+                      chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, dict]:
+    """log p(y | x, <beginabstract> z <endabstract>) and log p(z <endabstract> | x, <beginabstract>)
+    of each (example, trace), both from one forward of the Phase B sequence, packed, `rows` rows a
+    forward; -inf where it does not fit seq_len. Returns the two score arrays and the cost (tokens
+    scored, forwards)."""
     seqs = [builder.phase_b(example, trace) for example, trace in pairs]
     fits = [i for i, s in enumerate(seqs) if s is not None]
-    scores = np.full(len(pairs), -np.inf)
+    answer, trace = np.full(len(pairs), -np.inf), np.full(len(pairs), -np.inf)
     tokens = forwards = 0
     seq_len = builder.config.seq_len
     for batch, placements in packed_batches([seqs[i] for i in fits], seq_len, rows):
-        logp = np.asarray(_answer_token_logprobs(model, batch, chunk), np.float64)
+        answer_logp, trace_logp = (np.asarray(a, np.float64) for a in _answer_and_trace_logprobs(model, batch, chunk))
         for j, row, start in placements:
             i = fits[j]
-            scores[i] = logp[row, start:start + len(seqs[i])].sum()
+            span = slice(start, start + len(seqs[i]))
+            answer[i], trace[i] = answer_logp[row, span].sum(), trace_logp[row, span].sum()
         tokens += int((batch["segment_ids"] != 0).sum())
         forwards += 1
-    return scores, {"scoring_tokens": tokens, "scoring_forwards": forwards,
-                    "scoring_padded_tokens": forwards * rows * seq_len, "unscored": len(pairs) - len(fits)}
+    return answer, trace, {"scoring_tokens": tokens, "scoring_forwards": forwards,
+                           "scoring_padded_tokens": forwards * rows * seq_len, "unscored": len(pairs) - len(fits)}
 
 
 @dataclasses.dataclass
@@ -173,9 +180,11 @@ class Selection:
 
 
 def select_traces(engine, model, builder, examples, requests: Sequence[SamplingRequest], k: int, *,
-                  rows: int, chunk: int = 1024) -> Selection:
+                  rows: int, chunk: int = 1024, trace_prior_weight: float = 0.0) -> Selection:
     """Best of k: sample k constrained traces per request (one `run_requests` call), score each by
-    the gold answer's log-likelihood given [x; z] under `model`, keep the best (first on ties).
+    the gold answer's log-likelihood given [x; z] under `model`, plus `trace_prior_weight` times
+    the trace's own log-likelihood given x alone (a trace Phase B can learn to produce from the
+    prompt, not a lucky key the answer model memorised), keep the best (first on ties).
     `requests[i].id` is an example id of `examples`. Failed samples are dropped; an example
     without any good sample is left out (as the plain sampler does)."""
     by_id = {e.id: e for e in examples}
@@ -185,12 +194,16 @@ def select_traces(engine, model, builder, examples, requests: Sequence[SamplingR
         if result.finish_reason == "stop" and result.trace_ids:
             traces.setdefault(requests[index // k].id, []).append(list(result.trace_ids))
     pairs = [(by_id[i], t) for i, ts in traces.items() for t in ts]
-    scores, cost = answer_logliks(model, builder, pairs, rows=rows, chunk=chunk)
+    answer, trace, cost = candidate_logliks(model, builder, pairs, rows=rows, chunk=chunk)
+    scores = answer + trace_prior_weight * trace if trace_prior_weight else answer
     candidates, best, start = {}, {}, 0
     for example_id, ts in traces.items():
-        s = scores[start:start + len(ts)]
+        part = slice(start, start + len(ts))
+        s = scores[part]
         start += len(ts)
-        candidates[example_id] = {"traces": ts, "scores": [float(v) for v in s]}
+        candidates[example_id] = {"traces": ts, "scores": [float(v) for v in s],
+                                  "answer_logliks": [float(v) for v in answer[part]],
+                                  "trace_logliks": [float(v) for v in trace[part]]}
         if np.isfinite(s).any():
             best[example_id] = ts[int(np.argmax(s))]
     best_scores = [max(c["scores"]) for i, c in candidates.items() if i in best]

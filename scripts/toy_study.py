@@ -35,6 +35,9 @@ VARIANTS = {
     "paper": [],
     "two_pass": ["variants.bottleneck=two_pass"],
     "two_pass+best_of_k": ["variants.bottleneck=two_pass", "variants.trace_selection=best_of_k"],
+    # scored by the joint log p(z, y | x): the trace must also be likely from x alone (design notes)
+    "two_pass+best_of_k+prior": ["variants.bottleneck=two_pass", "variants.trace_selection=best_of_k",
+                                 "variants.trace_prior_weight=1"],
     "cot_codes": ["variants.round1_traces=cot_codes"],
     "cot_codes+two_pass": ["variants.round1_traces=cot_codes", "variants.bottleneck=two_pass"],
 }

@@ -128,9 +128,10 @@ def test_weighted_candidates_scale_the_loss_mask(tok, tmp_path):
 
 # ---- best_of_k ----------------------------------------------------------------------------------
 
-def independent_loglik(model, builder, example, trace, length=96):
+def independent_logliks(model, builder, example, trace, length=96):
     """One plain causal forward of [x; <beginabstract> z <endabstract>; y] alone (padded at the end
-    to `length`, which causal attention never looks at); log-softmax summed over y's tokens."""
+    to `length`, which causal attention never looks at); log-softmax summed over y's tokens, and
+    over z's tokens and <endabstract> (the trace given x and <beginabstract>)."""
     x, y = builder.prompt_ids(example), builder.answer_ids(example)
     z = [builder.vocab.begin_id, *trace, builder.vocab.end_id]
     n = len(x) + len(z) + len(y)
@@ -141,10 +142,13 @@ def independent_loglik(model, builder, example, trace, length=96):
     top = logits.max(-1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     first = len(x) + len(z)
-    return sum(logp[i - 1, seq[0, i]] for i in range(first, n))
+    answer = sum(logp[i - 1, seq[0, i]] for i in range(first, n))
+    trace = sum(logp[i - 1, seq[0, i]] for i in range(len(x) + 1, first))
+    return answer, trace
 
 
-def test_best_of_k_keeps_the_argmax_of_independent_scores(tok, model):
+@pytest.mark.parametrize("prior", [0.0, 0.5])
+def test_best_of_k_keeps_the_argmax_of_independent_scores(tok, model, prior):
     builder = SequenceBuilder(tok, BuildConfig(seq_len=96, m_max=6))
     examples = toy_examples(3)
     engine = JaxEngine(model, tok, max_batch=16)
@@ -152,7 +156,7 @@ def test_best_of_k_keeps_the_argmax_of_independent_scores(tok, model):
                                 temperature=1.0, m_min=1, m_max=6, max_new_tokens=8, seed=i)
                 for i, e in enumerate(examples)]
     k = 4
-    selection = V.select_traces(engine, model, builder, examples, requests, k, rows=2)
+    selection = V.select_traces(engine, model, builder, examples, requests, k, rows=2, trace_prior_weight=prior)
     assert selection.cost["samples"] == len(examples) * k
     assert selection.cost["scoring_tokens"] > 0 and selection.cost["tokens_generated"] > 0
     assert set(selection.best) == {e.id for e in examples}
@@ -160,7 +164,10 @@ def test_best_of_k_keeps_the_argmax_of_independent_scores(tok, model):
         cands = selection.candidates[example.id]
         distinct = {tuple(t) for t in cands["traces"]}
         assert len(distinct) >= 2  # distinct seeds give distinct samples: the choice is a real one
-        independent = np.array([independent_loglik(model, builder, example, t) for t in cands["traces"]])
+        answer, trace = np.array([independent_logliks(model, builder, example, t) for t in cands["traces"]]).T
+        np.testing.assert_allclose(cands["answer_logliks"], answer, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(cands["trace_logliks"], trace, rtol=1e-5, atol=1e-4)
+        independent = answer + prior * trace
         np.testing.assert_allclose(cands["scores"], independent, rtol=1e-5, atol=1e-4)
         order = np.argsort(-independent)
         top, second = independent[order[0]], max((independent[i] for i in order
@@ -264,13 +271,17 @@ def test_residual_codes_per_step(tok, model):
 def test_variants_config_keys_load_and_typos_are_named():
     cfg = load_config(None, ["variants.bottleneck=two_pass", "variants.trace_selection=best_of_k", "variants.k=4",
                              "variants.select_phase_b=true", "variants.weight_by_score=true",
-                             "variants.round1_traces=cot_codes", "variants.code_layer=3", "variants.codes_per_step=2"])
-    assert cfg.variants == VariantsSection("two_pass", "best_of_k", 4, True, True, "cot_codes", 3, 2)
+                             "variants.round1_traces=cot_codes", "variants.code_layer=3", "variants.codes_per_step=2",
+                             "variants.trace_prior_weight=0.5"])
+    assert cfg.variants == VariantsSection("two_pass", "best_of_k", 4, True, True, "cot_codes", 3, 2, 0.5)
     assert load_config(None, []).variants == VariantsSection()  # the paper's method by default
     for overrides, message in [
         (["variants.botleneck=two_pass"], "unknown config key 'variants.botleneck'; did you mean 'bottleneck'?"),
         (["variants.bottleneck=three_pass"], "variants.bottleneck must be 'paper' or 'two_pass'"),
         (["variants.weight_by_score=true"], "need variants.trace_selection=best_of_k"),
+        (["variants.trace_prior_weight=1"], "need variants.trace_selection=best_of_k"),
+        (["variants.trace_selection=best_of_k", "variants.trace_prior_weight=-1"],
+         "variants.trace_prior_weight must be >= 0"),
         (["variants.round1_traces=codes"], "variants.round1_traces must be 'random' or 'cot_codes'"),
         (["variants.codes_per_step=0"], "variants.codes_per_step must be in [1, data.m_max]"),
         (["variants.bottleneck=two_pass", "train.loss_on_trace=false"], "needs train.loss_on_trace=true"),
