@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from abscot_jax import demo, report, rounds  # noqa: E402
 from abscot_jax.data.toy import partial_sums  # noqa: E402
+from abscot_jax.hostmem import keep_freed_memory  # noqa: E402
 from abscot_jax.variants import mutual_information  # noqa: E402
 
 # name -> config overrides (`variants.k` comes from --k)
@@ -211,6 +212,7 @@ def variant_config(out: Path, name: str, args):
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()  # as the train command does (abscot_jax/hostmem.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toy_study", help="study directory (default runs/toy_study)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per variant (default 2)")
