@@ -14,6 +14,7 @@ import ctypes, resource
 from abscot_jax.hostmem import keep_freed_memory
 keep_freed_memory()
 libc = ctypes.CDLL(None)
+libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, so faults count alike under any THP setting
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = (ctypes.c_void_p,)
 size = 64 << 20
