@@ -195,6 +195,7 @@ def select_traces(engine, model, builder, examples, requests: Sequence[SamplingR
             traces.setdefault(requests[index // k].id, []).append(list(result.trace_ids))
     pairs = [(by_id[i], t) for i, ts in traces.items() for t in ts]
     answer, trace, cost = candidate_logliks(model, builder, pairs, rows=rows, chunk=chunk)
+    # (w = 0 keeps the answer scores as they are: 0 * -inf would turn unscored candidates into nan)
     scores = answer + trace_prior_weight * trace if trace_prior_weight else answer
     candidates, best, start = {}, {}, 0
     for example_id, ts in traces.items():
