@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from abscot_jax.model.config import ConfigError
+from abscot_jax.model.config import REMAT_POLICIES, ConfigError
 
 
 @dataclasses.dataclass
@@ -21,9 +21,15 @@ class ModelSection:
     hf_dir: str = ""  # base model: an HF directory or an Orbax checkpoint from convert/hf_to_flax.py
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: str = "none"  # none | layer
-    # xla (dense reference) | blockwise | auto (blockwise on CPU, xla elsewhere); see docs/BENCHMARKS.md
-    # "Training step" for why the default stays xla
+    # What each layer keeps for its backward; the rest is recomputed there (a layer's input is always kept):
+    #   none: everything (no recomputation; the most memory)
+    #   layer: nothing more (the whole layer is recomputed; the least memory)
+    #   dots: the q, k, v, o, gate and up projections' outputs (LoRA included); norms, RoPE, attention
+    #         and SiLU are recomputed
+    #   attention: the attention output; the projections, norms, MLP and attention's own residuals are recomputed
+    remat: str = "none"
+    # xla (dense reference) | blockwise (CPU) | pallas (fused, GPU) | cudnn | auto (pallas on a GPU,
+    # blockwise on CPU); see docs/BENCHMARKS.md "Training step (CPU)" for why the default stays xla
     attention_impl: str = "xla"
     add_abstract_vocab: bool = True  # extend the tokenizer and (re)initialise the new rows
     new_row_sigma: float = 0.02
@@ -64,7 +70,10 @@ class TrainSection:
     loss_on_trace: bool = True
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    peak_tflops_per_device: float = 0.0  # for the MFU estimate; 0 = unknown (no MFU reported)
+    peak_tflops_per_device: float = 0.0  # for MFU; 0 = the device kind's datasheet figure (abscot_jax/train/flops.py)
+    # Share of each accelerator's memory XLA may take (XLA_PYTHON_CLIENT_MEM_FRACTION, set by the train
+    # command before JAX starts; JAX's own default is 0.75, below full fine-tuning's plan on 80 GB).
+    device_memory_fraction: float = 0.92
 
 
 @dataclasses.dataclass
@@ -145,6 +154,8 @@ class RunConfig:
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
             (self.train.loss_chunk >= 1, "train.loss_chunk must be >= 1"),
+            (0 < self.train.device_memory_fraction <= 1, "train.device_memory_fraction must be in (0, 1]"),
+            (self.model.remat in REMAT_POLICIES, f"model.remat must be one of {', '.join(REMAT_POLICIES)}"),
             (self.lora.rank >= 1, "lora.rank must be >= 1"),
             (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
             (self.optim.learning_rate > 0, "optim.learning_rate must be > 0"),

@@ -22,17 +22,25 @@ counts what the code keeps, checked against XLA's own accounting of the compiled
       q, k    (H+KV)·hd·(4 + c·(1+w))    fp32 pre-norm copy, normed (pre-scale), after RoPE
       v, out  (KV+H)·hd·c                values and the attention output (the o_proj input)
       scores  H·T·(4 + c)                fp32 softmax and the probabilities in compute dtype (xla kernel);
-              H·(hd·c + 4)               a fused kernel's (blockwise) copy of its output and log-sum-exp
+              H·(hd·c + 4)               a fused kernel's (blockwise, pallas, cudnn) copy of its output
+                                         and log-sum-exp
       mlp     6·F·c                      gate, up, the silu pieces, their product
       lora    targets·r·c                each adapter's rank-r intermediate
-  R = their sum; R_lin = R without the scores; S = rows·H·T²·4 (one layer's fp32 scores;
-  for a fused kernel its fp32 dq, dk, dv: N·(H+2KV)·hd·4).
-      remat none:  saved L·N·R;    one layer's backward in flight: N·R
-      remat layer: saved L·N·D·c (each layer's input); one layer's backward: N·R recomputed
-                   + ½(N·R_lin + S) of gradients alive beside it
+  R = their sum; R_lin = R without the scores; S = the attention backward's own buffers:
+  rows·H·T²·4 (xla: one layer's fp32 scores), N·(H+2KV)·hd·4 (blockwise: fp32 dq, dk, dv),
+  N·((H+2KV)·hd·c + 4H) (pallas: dq, dk, dv and rowsum(dO·O)), and for cudnn its dq, dk, dv plus
+  the gradient of its bf16 [rows, T, T] mask bias. "auto" is counted as pallas (a GPU's choice).
+      remat none:      saved L·N·R; one layer's backward in flight: N·R
+      remat layer:     saved L·N·D·c (each layer's input); one layer's backward: N·R recomputed
+                       + ½(N·R_lin + S) of gradients alive beside it
+      remat dots:      saved L·N·(2D + (H+2KV)·hd + 2F)·c (input, q, k, v, o, gate, up outputs)
+      remat attention: saved L·N·(D + H·hd)·c (input, attention output)
+                       With either, the MLP half of a layer (post-attention norm, mlp) is recomputed
+                       without attention, so the backward takes one half at a time: the larger of
+                       N·R_half recomputed + N·R_half_lin (+ S, attention half) of gradients.
   LoRA adds one [N, out] adapter output per target to the backward. The backward of a layer and
   the chunked loss (2 x [chunk, V] fp32: logits and their gradient) are not alive together: the
-  larger counts. Plus the bool mask [rows, H, T, T] (xla kernel) and the final norm's input and
+  larger counts. Plus the bool mask [rows, H, T, T] (xla) or the bias (cudnn), and the final norm's input and
   output. Activations split over data x fsdp (the batch) and, for head and MLP activations, over
   tensor (they follow their weights).
 """
@@ -49,7 +57,7 @@ from pathlib import Path
 from abscot_jax.config import RunConfig, load_config
 from abscot_jax.model.config import ConfigError, Qwen3Config
 from abscot_jax.model.qwen3 import NORMS, PROJECTIONS, norm_sizes, projection_shapes
-from abscot_jax.sharding import LOGICAL_RULES, MeshConfig, spec_for
+from abscot_jax.sharding import LOGICAL_RULES, MeshConfig, check_tensor_split, spec_for
 from abscot_jax.vocab import NEW_TOKENS
 
 GiB = 2**30
@@ -160,6 +168,7 @@ def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) ->
     """
     cfg, run, t = model_cfg, run_cfg, run_cfg.train
     data, fsdp, tensor = mesh_shape_for(run, num_devices)
+    check_tensor_split(cfg.num_attention_heads, tensor)
     mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
     c = DTYPE_BYTES[run.model.compute_dtype]
     notes = []
@@ -188,8 +197,9 @@ def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) ->
     th = _split(kv * hd, "kv_heads", mesh) if (h * hd) % tensor == 0 and kv % tensor == 0 else 1
     tf = _split(f, "mlp", mesh)
     w = 1 if t.mode == "full" else 0
-    # "xla" builds [T, T] scores; "auto" is "xla" on a GPU (what a plan is for), "blockwise" on CPU.
-    dense = run.model.attention_impl in ("xla", "auto")
+    # "xla" builds [T, T] scores; "auto" is the fused Pallas kernel on a GPU (what a plan is for).
+    impl = {"auto": "pallas"}.get(run.model.attention_impl, run.model.attention_impl)
+    dense = impl == "xla"
     targets = run.lora.targets if t.mode == "lora" else []
 
     per_token = {  # R: bytes saved per token per layer
@@ -204,17 +214,40 @@ def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) ->
     }
     r_all = n * sum(per_token.values())
     r_lin = r_all - n * per_token["scores"]
-    # S: one layer's fp32 scores (dense), or a fused kernel's fp32 dq, dk, dv accumulators.
-    scores = (rows * h * seq * seq if dense else n * (h + 2 * kv) * hd) * 4 // th
-    if run.model.remat == "layer":
-        saved = ("saved: each layer's input, L·N·D·c", layers * n * d * c)
-        layer_backward = r_all + (r_lin + scores) // 2
-    else:
+    # S, the attention backward's own buffers: one layer's fp32 scores (xla); fp32 dq, dk, dv
+    # accumulators (blockwise); dq, dk, dv in compute dtype and an fp32 rowsum(dO * O) (pallas);
+    # those and the [rows, T, T] bias gradient cuDNN computes (cudnn).
+    scores = {
+        "xla": rows * h * seq * seq * 4,
+        "blockwise": n * (h + 2 * kv) * hd * 4,
+        "pallas": n * ((h + 2 * kv) * hd * c + h * 4),
+        "cudnn": n * (h + 2 * kv) * hd * c + rows * seq * seq * 2 * th,
+    }[impl] // th
+
+    def adapter_outputs(names):  # one [N, out] adapter output per LoRA target in the backward
+        return sum(n * c * fan_out // _split(fan_out, PROJECTIONS[name][2], mesh)
+                   for name, (_, fan_out) in projection_shapes(cfg).items() if name in names)
+
+    if run.model.remat == "none":
         saved = ("saved: L·N·R", layers * r_all)
-        layer_backward = r_all
-    out_axes = {name: PROJECTIONS[name][2] for name in targets}
-    layer_backward += sum(n * c * fan_out // _split(fan_out, out_axes[name], mesh)
-                          for name, (_, fan_out) in projection_shapes(cfg).items() if name in out_axes)
+        layer_backward = r_all + adapter_outputs(targets)
+    else:
+        what, kept = {  # beside each layer's input (D·c per token)
+            "layer": ("each layer's input", 0),
+            "dots": ("each layer's input, q, k, v, o, gate, up", ((h + 2 * kv) * hd // th + d + 2 * f // tf) * c),
+            "attention": ("each layer's input, attention output", h * hd * c // th),
+        }[run.model.remat]
+        saved = (f"saved: {what}", layers * n * (d * c + kept))
+        if run.model.remat == "layer":
+            layer_backward = r_all + (r_lin + scores) // 2 + adapter_outputs(targets)
+        else:  # one half at a time (see above): attention (input norm, q, k, v, scores, output), MLP
+            attention_targets = [name for name in targets if name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            r_attention = n * (per_token["norms"] // 2 + per_token["q, k"] + per_token["v, attention output"]
+                               + per_token["scores"] + len(attention_targets) * run.lora.rank * c)
+            r_mlp = r_all - r_attention
+            layer_backward = max(
+                2 * r_attention - n * per_token["scores"] + scores + adapter_outputs(attention_targets),
+                2 * r_mlp + adapter_outputs(set(targets) - set(attention_targets)))
 
     chunk = min(t.loss_chunk, t.batch_size * seq)  # loss_sums never takes more tokens than there are
     chunk_rows = chunk // batch_shards if chunk % batch_shards == 0 else chunk
@@ -225,8 +258,10 @@ def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) ->
         ("working set: one layer's backward" if layer_backward >= loss_chunk
          else "working set: loss chunk, 2 x [chunk, V] fp32"): max(layer_backward, loss_chunk),
         "attention mask, bool [rows, H, T, T]": rows * h * seq * seq // th if dense else 0,
+        "attention bias, bf16 [rows, T, T] (cudnn)": rows * seq * seq * 2 if impl == "cudnn" else 0,
         "final norm input + output": n * d * (4 + c),
     }
+    terms = {name: size for name, size in terms.items() if size}
     return MemoryPlan(
         mesh=(data, fsdp, tensor), frozen_params=frozen, trainable_params=trainable, compute_copy=compute_copy,
         gradients=gradients, optimizer=optimizer, activations=sum(terms.values()), activation_terms=terms,
@@ -283,12 +318,15 @@ def format_plan(plan: MemoryPlan, cfg: Qwen3Config, run: RunConfig, device_memor
     lines.append(f"{'total':<52}{plan.total / GiB:>10.2f}")
     lines += [f"note: {n}" for n in plan.notes]
     if device_memory_gb:
-        budget = device_memory_gb * GiB
+        fraction = t.device_memory_fraction
+        budget = fraction * device_memory_gb * GiB  # what XLA may take (the train command sets it)
         verdict = "fits" if plan.total <= budget else "does not fit"
-        lines.append(f"{verdict}: {plan.total / GiB:.1f} of {device_memory_gb:g} GiB per device "
-                     f"({100 * plan.total / budget:.0f}%)")
-        if 0.75 * budget < plan.total <= budget:  # JAX's default GPU preallocation is 75%
-            lines.append("note: above 75% of the device: run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95")
+        lines.append(f"{verdict}: {plan.total / GiB:.1f} of {budget / GiB:.1f} GiB per device "
+                     f"({100 * plan.total / budget:.0f}%; train.device_memory_fraction={fraction:g} "
+                     f"of {device_memory_gb:g} GiB)")
+        if budget < plan.total <= device_memory_gb * GiB:
+            lines.append(f"note: it would fit with train.device_memory_fraction="
+                         f"{min(1.0, math.ceil(100 * plan.total / (device_memory_gb * GiB)) / 100):g}")
     return "\n".join(lines)
 
 

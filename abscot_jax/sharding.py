@@ -22,8 +22,10 @@ from abscot_jax.model.config import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also splits the weights
 
-# logical axis -> mesh axis (None = replicated)
+# logical axis -> mesh axis or axes (None = replicated). Weights and activations share the names:
+# an activation dimension that comes from a weight dimension is split like it.
 LOGICAL_RULES = {
+    "batch": BATCH_AXES,
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -63,6 +65,14 @@ class MeshConfig:
         return tuple(sizes)
 
 
+def check_tensor_split(num_heads: int, tensor: int) -> None:
+    """Tensor parallelism splits attention by query heads: the tensor axis must divide them (key/value
+    heads it does not divide stay whole on every device)."""
+    if num_heads % tensor:
+        raise ConfigError(f"mesh.tensor={tensor} must divide the model's {num_heads} attention heads; "
+                          f"use a tensor size that divides {num_heads}")
+
+
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = config.shape(len(devices))
@@ -76,12 +86,14 @@ def spec_for(axes: tuple[str | None, ...] | None, shape: tuple[int, ...], mesh: 
     used = set()
     parts = []
     for name, size in zip(axes, shape):
-        mesh_axis = LOGICAL_RULES.get(name) if name else None
-        if mesh_axis is None or mesh_axis in used or size % mesh.shape[mesh_axis]:
+        mesh_axes = LOGICAL_RULES.get(name) if name else None
+        group = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        ways = math.prod(mesh.shape[a] for a in group)
+        if not group or used.intersection(group) or size % ways:
             parts.append(None)
         else:
-            parts.append(mesh_axis)
-            used.add(mesh_axis)
+            parts.append(mesh_axes)
+            used.update(group)
     return P(*parts)
 
 
@@ -106,12 +118,39 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def constrain_activations(x: jax.Array) -> jax.Array:
-    """Keep [B, T, ...] activations split over the batch axes when a mesh is set (no-op otherwise)."""
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Under a set mesh (`jax.set_mesh`), lay `x` out as its logical axes say, e.g. activations
+    ("batch", None, "heads", None); a no-op without one. Without these constraints XLA is free to
+    split activations over the feature axes and all-gather them, instead of doing FSDP/TP."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+    if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+    return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh))
+
+
+def gathered(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """A weight as FSDP uses it: whole over fsdp (all-gathered just before use, and its gradient
+    reduce-scattered), still split over tensor. A no-op without a set mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return w
+    spec = spec_for(axes, w.shape, mesh)
+    return jax.lax.with_sharding_constraint(w, P(*(None if part == "fsdp" else part for part in spec)))
+
+
+def set_device_memory_fraction(fraction: float) -> None:
+    """Let XLA take `fraction` of each accelerator's memory. It is read when JAX starts its backends,
+    so this must run before anything touches a device; afterwards it raises rather than do nothing."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"device memory fraction {fraction} is outside (0, 1]")
+    from jax._src import xla_bridge
+
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        raise RuntimeError("set_device_memory_fraction must run before JAX initialises its devices")
+    previous = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if previous is not None and float(previous) != fraction:
+        log.info("XLA_PYTHON_CLIENT_MEM_FRACTION=%s replaced by train.device_memory_fraction=%s", previous, fraction)
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(fraction)
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -15,6 +15,8 @@ import argparse
 import os
 import time
 
+# The pipeline runs on the host; on a machine with a GPU, JAX would otherwise reserve most of its
+# memory for nothing. JAX_PLATFORMS set by the caller wins.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402

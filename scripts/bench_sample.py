@@ -5,8 +5,9 @@ tiny fixture tokenizer's 640-row vocabulary), fp32, batch 32 prompts of 16..64 t
 tokens each, greedy, no stop token (every row generates all 128). Both timed after a warm-up,
 interleaved, best of --repeats; HF with torch's default threads and with one thread, the faster
 being the baseline. The JAX compile time is reported apart. Also checks that both produced the
-same tokens. Last line: speedup_vs_hf=<float> (vs HF's faster setting). Example:
-python scripts/bench_sample.py
+same tokens. Each side runs on the accelerator that is there (JAX's default backend; PyTorch on
+CUDA when it has it), unless JAX_PLATFORMS says otherwise. Last line: speedup_vs_hf=<float> (vs
+HF's faster setting). Example: python scripts/bench_sample.py
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ def main():
                    help="1: run XLA single-threaded (default: XLA's thread pool over every core)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each, interleaved (the best is kept)")
     a = p.parse_args()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if a.xla_threads == 1:  # before jax starts
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -58,7 +58,8 @@ def main():
         model_dir = make_checkpoint(tmp, hidden_size=a.hidden, intermediate_size=a.intermediate,
                                     num_hidden_layers=a.layers, num_attention_heads=a.heads,
                                     num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads)
-        hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+        hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval().to(device)
         jax_model = load_hf(model_dir)
     vocab = hf.config.vocab_size
     rng = np.random.default_rng(0)
@@ -70,7 +71,7 @@ def main():
 
     # ---- HF generate ----
     width = max(lengths)
-    ids = torch.zeros((a.batch, width), dtype=torch.long)
+    ids = torch.zeros((a.batch, width), dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for i, prompt in enumerate(prompts):
         ids[i, width - len(prompt):] = torch.tensor(prompt)
@@ -87,8 +88,8 @@ def main():
         torch.set_num_threads(threads)
         with torch.no_grad():
             t = time.perf_counter()
-            out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            return time.perf_counter() - t, out[:, width:].numpy()
+            out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:].cpu()
+            return time.perf_counter() - t, out.numpy()
 
     with torch.no_grad():  # warm-up
         hf.generate(input_ids=ids[:, -8:], attention_mask=mask[:, -8:], max_new_tokens=4, do_sample=False)

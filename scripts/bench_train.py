@@ -26,12 +26,13 @@ from flax import nnx
 
 from abscot_jax.config import OptimSection, TrainSection
 from abscot_jax.hostmem import keep_freed_memory
-from abscot_jax.model.attention import Role, reference_mask
+from abscot_jax.data.synthetic_rows import packed_rows
+from abscot_jax.model.attention import reference_mask
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.sharding import MeshConfig, make_mesh
-from abscot_jax.train.step import BATCH_KEYS, TrainStep
+from abscot_jax.train.step import TrainStep
 
 HF_NAMES = {  # ours -> HF per-layer module path (torch Linear weights are [out, in])
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -63,48 +64,6 @@ def parse_args():
     return p.parse_args()
 
 
-def packed_phase_a_batch(rng, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
-    """Rows packed with Phase A examples [x; c; <ba> z <ea>; y] of realistic relative lengths, as
-    full as the project's packer makes them (~98%): an example that does not fit is replaced by a
-    shorter one of the same proportions while at least 64 slots remain; the rest is padding
-    (segment 0). Loss on targets that are trace or answer tokens of the same segment.
-    Arrays are [1, B, T] (one micro-batch)."""
-    tokens = rng.integers(0, vocab, (batch, seq))
-    segs = np.zeros((batch, seq), np.int32)
-    roles = np.zeros((batch, seq), np.int32)
-    positions = np.zeros((batch, seq), np.int32)
-    for row in range(batch):
-        start, segment = 0, 1
-        while True:
-            lengths = {Role.PROMPT: rng.integers(40, 160), Role.COT: rng.integers(150, 450),
-                       Role.ABSTRACT: rng.integers(10, 66), Role.ANSWER: rng.integers(20, 120)}
-            total = sum(lengths.values())
-            if start + total > seq:
-                room = seq - start
-                if room < 64:
-                    break
-                lengths = {role: max(4, n * room // total) for role, n in lengths.items()}
-                total = sum(lengths.values())
-                if total > room:
-                    break
-            segs[row, start:start + total] = segment
-            positions[row, start:start + total] = np.arange(total)
-            at = start
-            for role, n in lengths.items():
-                roles[row, at:at + n] = role
-                at += n
-            start, segment = start + total, segment + 1
-    same_next = (segs[:, 1:] == segs[:, :-1]) & (segs[:, 1:] != 0)
-    next_role = roles[:, 1:]
-    loss_mask = np.zeros((batch, seq), np.int32)
-    loss_mask[:, :-1] = same_next & ((next_role == Role.ABSTRACT) | (next_role == Role.ANSWER))
-    targets = np.zeros((batch, seq), np.int32)
-    targets[:, :-1] = tokens[:, 1:]
-    out = dict(tokens=tokens.astype(np.int32), positions=positions, segment_ids=segs, roles=roles,
-               targets=targets, loss_mask=loss_mask)
-    return {k: v[None] for k, v in out.items()}
-
-
 # ---- HF side ----------------------------------------------------------------------------------
 def hf_model(args):
     from transformers import Qwen3Config as HFConfig, Qwen3ForCausalLM
@@ -133,24 +92,32 @@ def hf_inputs(batch: dict) -> dict[str, torch.Tensor]:
 
 
 class HFTrainer:
-    def __init__(self, base, mode: str, args, optim: OptimSection):
+    """One optimizer step of transformers (+ PEFT for LoRA) on `base`'s device: AdamW, global-norm
+    clipping, under autocast to `autocast_dtype` when given (mixed precision, as DeepSpeed runs it)."""
+
+    def __init__(self, base, mode: str, optim: OptimSection, lora_rank: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, targets=DEFAULT_TARGETS, autocast_dtype=None):
         import copy
 
         model = copy.deepcopy(base)
         if mode == "lora":
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                     lora_dropout=0.0, target_modules=list(DEFAULT_TARGETS)))
+            model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=lora_alpha,
+                                                     lora_dropout=lora_dropout, target_modules=list(targets)))
         model.train()
         self.model = model
+        self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=optim.learning_rate, betas=(optim.b1, optim.b2),
                                      eps=optim.eps, weight_decay=optim.weight_decay)
         self.clip = optim.clip_norm
+        self.autocast_dtype = autocast_dtype
 
     def __call__(self, inputs) -> float:
-        loss = self.model(**inputs).loss
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
@@ -218,7 +185,7 @@ def main():
     args = parse_args()
     optim = OptimSection(learning_rate=1e-4, warmup_ratio=0.0, clip_norm=1.0)
     rng = np.random.default_rng(args.seed)
-    batches = [packed_phase_a_batch(rng, args.batch, args.seq, args.vocab) for _ in range(args.steps + 1)]
+    batches = [packed_rows(rng, args.batch, args.seq, args.vocab) for _ in range(args.steps + 1)]
     hf_batches = [hf_inputs(b) for b in batches]
     tokens_per_step = args.batch * args.seq
     real = float(np.mean([(b["segment_ids"] > 0).mean() for b in batches]))
@@ -240,9 +207,9 @@ def main():
             apply_lora(model, LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank))
         ours = TrainStep.create(model, optim, TrainSection(mode=mode, seq_len=args.seq, batch_size=args.batch),
                                 total_steps=args.steps + 1, mesh=mesh)
-        theirs = HFTrainer(hf_base, mode, args, optim)
+        theirs = HFTrainer(hf_base, mode, optim, args.lora_rank, 2.0 * args.lora_rank)
         t0 = time.perf_counter()
-        ours.step_fn.lower(ours.state, {k: batches[0][k] for k in BATCH_KEYS}).compile()
+        ours.compile(batches[0])
         compile_s = time.perf_counter() - t0
         # Warm-up step; same batch on both sides: the losses must agree.
         our_loss = float(ours(batches[0])["loss"])

@@ -11,6 +11,7 @@ from flax import nnx
 from abscot_jax.model.attention import (
     Role, _first_key_block, blockwise_attention, bottleneck_attention, masked_attention, reference_mask,
 )
+from abscot_jax.model.attention_pallas import KernelConfig, pallas_attention
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.qwen3 import Qwen3
 
@@ -122,18 +123,22 @@ def test_bf16_as_accurate_as_the_reference_in_bf16():
         assert rel_err(o16, t32) <= 2 * rel_err(r16, t32) + 1e-3, name
 
 
-def test_answers_never_see_the_cot_bit_exactly():
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+def test_answers_never_see_the_cot_bit_exactly(impl):
     """Changing q/k/v at COT positions leaves every ANSWER output bit-identical, and gradients
     from ANSWER outputs never reach COT keys or values."""
     rng = np.random.default_rng(3)
-    b, t, h, kv, d = 2, 64, 4, 2, 8
+    b, t, h, kv, d = 2, 64, 4, 2, 16
     seg, roles = packed_rows(rng, b, t)
     is_cot = np.asarray((roles == C) & (seg != 0))
     is_answer = np.asarray((roles == A) & (seg != 0))
     q, k, v = qkv(rng, b, t, h, kv, d)
     noise = qkv(np.random.default_rng(4), b, t, h, kv, d)
     q2, k2, v2 = (x + 10 * n * is_cot[:, :, None, None] for x, n in zip((q, k, v), noise))
-    ours = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, seg, roles, 16, 16))
+    if impl == "blockwise":
+        ours = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, seg, roles, 16, 16))
+    else:
+        ours = jax.jit(lambda q, k, v: pallas_attention(q, k, v, seg, roles, KernelConfig(16, 16, 16, 16)))
     out, out2 = np.asarray(ours(q, k, v)), np.asarray(ours(q2, k2, v2))
     np.testing.assert_array_equal(out[is_answer], out2[is_answer])
     assert not np.array_equal(out[is_cot], out2[is_cot])  # the change did reach the CoT rows
@@ -197,7 +202,7 @@ def test_implementation_choice():
         bottleneck_attention(q, k, v, seg, roles, "flash9")
 
 
-def test_model_logits_blockwise_equal_xla():
+def test_model_logits_kernels_equal_xla():
     cfg = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10_000.0)
     rng = np.random.default_rng(7)
@@ -206,8 +211,9 @@ def test_model_logits_blockwise_equal_xla():
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
     positions = jnp.asarray(np.tile(np.arange(t), (b, 1)), jnp.int32)
     logits = {}
-    for impl in ("xla", "blockwise"):
+    for impl in ("xla", "blockwise", "pallas"):
         model = Qwen3(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0))
         logits[impl] = np.asarray(nnx.jit(lambda m: m(tokens, positions, seg, roles))(model))
     real = np.asarray(seg != 0)
-    np.testing.assert_allclose(logits["blockwise"][real], logits["xla"][real], rtol=1e-5, atol=1e-5)
+    for impl in ("blockwise", "pallas"):
+        np.testing.assert_allclose(logits[impl][real], logits["xla"][real], rtol=1e-5, atol=1e-5, err_msg=impl)

@@ -25,6 +25,8 @@ def test_overrides_and_yaml_types(tmp_path):
     (["train.mode=half"], "train.mode must be 'lora' or 'full'"),
     (["lora.targets=q_proj"], "lora.targets must be a list"),
     (["sampler.engine=vllm"], "sampler.engine=vllm needs sampler.python"),
+    (["train.device_memory_fraction=1.5"], "train.device_memory_fraction must be in (0, 1]"),
+    (["train.device_memory_fraction=0"], "train.device_memory_fraction must be in (0, 1]"),
 ])
 def test_config_mistakes_give_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as err:

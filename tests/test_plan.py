@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from abscot_jax.config import load_config
-from abscot_jax.model.config import Qwen3Config
+from abscot_jax.model.config import REMAT_POLICIES, Qwen3Config
 from abscot_jax.model.lora import LoRAConfig, apply_lora
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.plan import PRESETS, main, memory_plan
@@ -16,12 +16,12 @@ from abscot_jax.sharding import MeshConfig, make_mesh
 from abscot_jax.train.step import BATCH_KEYS, TrainStep
 from abscot_jax.vocab import NEW_TOKENS
 
-# Small enough to compile in seconds, large enough that activations are most of the peak
-# (53-92% of the planned total).
+# Small enough to compile in seconds, large enough that activations are much of the peak
+# (46-92% of the planned total).
 SMALL = Qwen3Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
 SMALL_RUN = ["train.batch_size=2", "train.seq_len=512", "train.loss_chunk=1024", "lora.rank=8", "lora.alpha=16",
-             "model.attention_impl=xla"]  # explicit: the plan counts "auto" as xla (its GPU choice)
+             "model.attention_impl=xla"]  # explicit: the plan counts "auto" as pallas (its GPU choice)
 
 
 def compiled_peak_bytes(model_cfg: Qwen3Config, run) -> int:
@@ -43,12 +43,13 @@ def compiled_peak_bytes(model_cfg: Qwen3Config, run) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
-@pytest.mark.parametrize("mode,remat", [("full", "none"), ("full", "layer"), ("lora", "none"), ("lora", "layer")])
+@pytest.mark.parametrize("remat", REMAT_POLICIES)
+@pytest.mark.parametrize("mode", ["full", "lora"])
 def test_plan_within_15_percent_of_compiled_peak(mode, remat):
     run = load_config(None, [*SMALL_RUN, f"train.mode={mode}", f"model.remat={remat}"])
     plan = memory_plan(SMALL, run, num_devices=1)
     measured = compiled_peak_bytes(SMALL, run)
-    assert plan.activations > 0.5 * plan.total  # activations matter in this config
+    assert plan.activations > 0.4 * plan.total  # activations matter in this config
     assert abs(plan.total - measured) <= 0.15 * measured, (plan.total / 2**20, measured / 2**20)
 
 

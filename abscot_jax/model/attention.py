@@ -111,19 +111,24 @@ def _block_sizes(t: int, block_q: int, block_k: int) -> tuple[int, int]:
     return bq, bk
 
 
-def _first_key_block(segment_ids, bq: int, bk: int):
-    """int[B, nq]: the first key block any query of query block (b, i) may see, i.e. the block of
-    the first occurrence of the earliest segment among its real rows (nk, past the end, for a
-    block of padding only). First occurrence, not run start, so a segment id that reappears later
-    in a row is still handled exactly."""
+def _first_occurrence(segment_ids):
+    """int[B, T]: the position of the first occurrence, in its row, of each token's segment id
+    (first occurrence, not run start, so a segment id that reappears later in a row is exact)."""
     b, t = segment_ids.shape
     order = jnp.argsort(segment_ids, axis=1, stable=True)  # positions grouped by segment, ascending
     sorted_ids = jnp.take_along_axis(segment_ids, order, axis=1)
     is_first = jnp.concatenate([jnp.ones((b, 1), bool), sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=1)
     group_start = jax.lax.cummax(jnp.where(is_first, jnp.arange(t), 0), axis=1)
     first_sorted = jnp.take_along_axis(order, group_start, axis=1)
-    first = jnp.zeros_like(segment_ids).at[jnp.arange(b)[:, None], order].set(first_sorted)
-    first = jnp.where(segment_ids != 0, first, t)
+    return jnp.zeros_like(segment_ids).at[jnp.arange(b)[:, None], order].set(first_sorted)
+
+
+def _first_key_block(segment_ids, bq: int, bk: int):
+    """int[B, nq]: the first key block any query of query block (b, i) may see, i.e. the block of
+    the first occurrence of the earliest segment among its real rows (nk, past the end, for a
+    block of padding only)."""
+    b, t = segment_ids.shape
+    first = jnp.where(segment_ids != 0, _first_occurrence(segment_ids), t)
     return first.reshape(b, -1, bq).min(axis=-1) // bk
 
 
@@ -267,19 +272,80 @@ def blockwise_attention(q, k, v, segment_ids, roles, block_q: int = DEFAULT_BLOC
     return out[:, :t]
 
 
-IMPLEMENTATIONS = ("xla", "blockwise", "auto")
+# ---- cuDNN (GPU) ---------------------------------------------------------------------------------
+
+def cudnn_mask(segment_ids: jax.Array, roles: jax.Array) -> jax.Array:
+    """bool[B, 1, T, T] for cuDNN (broadcast over heads): `reference_mask`, plus each padding token
+    seeing itself, so no row is fully masked (cuDNN's answer for such a row is not defined)."""
+    t = segment_ids.shape[-1]
+    pad_self = (segment_ids == 0)[:, :, None] & jnp.eye(t, dtype=bool)[None]
+    return (reference_mask(segment_ids, roles) | pad_self)[:, None]
+
+
+def cudnn_attention(q, k, v, segment_ids, roles):
+    """`jax.nn.dot_product_attention` on cuDNN under `cudnn_mask` (bf16/fp16 only; cuDNN takes the
+    mask as an additive bias and skips only the tiles above the diagonal). Padding rows: output 0."""
+    out = jax.nn.dot_product_attention(q, k, v, mask=cudnn_mask(segment_ids, roles), is_causal=True,
+                                       implementation="cudnn")
+    return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+IMPLEMENTATIONS = ("xla", "blockwise", "pallas", "cudnn", "auto")
+
+
+def _check_inputs(q, k, v, segment_ids, roles, impl: str) -> None:
+    """One clear ValueError for inputs no implementation can take, before anything is traced."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r}; expected one of: {', '.join(IMPLEMENTATIONS)}")
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, T, KV, D]; got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    bt = {"q": q.shape[:2], "k": k.shape[:2], "v": v.shape[:2], "segment_ids": segment_ids.shape, "roles": roles.shape}
+    if len(set(bt.values())) > 1:
+        raise ValueError("attention inputs disagree on [B, T]: " + ", ".join(f"{n} {s}" for n, s in bt.items()))
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"impl='cudnn' needs bf16 or fp16 inputs, got {q.dtype}")
 
 
 def bottleneck_attention(q, k, v, segment_ids, roles, impl: str = "xla"):
     """Self-attention over a packed training batch under the Abstract-CoT mask.
 
-    impl: "xla" (the dense reference: builds [B, T, T]), "blockwise" (above), or "auto":
-    blockwise on CPU, where it is several times faster; xla elsewhere until the GPU kernel lands.
+    q: [B, T, H, D]; k, v: [B, T, KV, D] (H a multiple of KV); segment_ids, roles: int [B, T].
+    impl: "xla" (the dense reference: builds [B, T, T]), "blockwise" (above; the CPU kernel),
+    "pallas" (fused kernels with tile skipping, `attention_pallas`; the Pallas interpreter on CPU),
+    "cudnn" (`cudnn_attention`, bf16/fp16 on a GPU), or "auto": pallas on a GPU, blockwise on CPU,
+    xla elsewhere. Padding rows: 0 from all but "xla" (an arbitrary finite average there).
     """
+    _check_inputs(q, k, v, segment_ids, roles, impl)
     if impl == "auto":
-        impl = "blockwise" if jax.default_backend() == "cpu" else "xla"
+        impl = {"cpu": "blockwise", "gpu": "pallas"}.get(jax.default_backend(), "xla")
     if impl == "xla":
         return masked_attention(q, k, v, reference_mask(segment_ids, roles))
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, segment_ids, roles)
-    raise ValueError(f"unknown attention implementation {impl!r}; expected one of: {', '.join(IMPLEMENTATIONS)}")
+        return _per_device(blockwise_attention, q, k, v, segment_ids, roles)
+    if impl == "cudnn":
+        return _per_device(cudnn_attention, q, k, v, segment_ids, roles)
+    from abscot_jax.model import attention_pallas  # imports this module: loaded on first use
+
+    return _per_device(attention_pallas.pallas_attention, q, k, v, segment_ids, roles)
+
+
+def _per_device(kernel, q, k, v, segment_ids, roles):
+    """`kernel` on each device's rows (and heads, under tensor parallelism) when a mesh is set.
+
+    XLA cannot split a kernel it does not see into (a Pallas call, a loop over blocks): left to
+    itself it would gather the whole batch onto every device and compute it there. Heads are split
+    only when the kv heads divide over the tensor axis (so each device's query heads read its own
+    kv heads); otherwise every device of a tensor group computes all heads of its rows."""
+    from abscot_jax.sharding import spec_for
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, segment_ids, roles)
+    kv_spec = spec_for(("batch", None, "kv_heads", None), k.shape, mesh)
+    q_spec = spec_for(("batch", None, "heads" if kv_spec[2] else None, None), q.shape, mesh)
+    row_spec = spec_for(("batch", None), segment_ids.shape, mesh)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, segment_ids, roles)

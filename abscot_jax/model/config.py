@@ -5,10 +5,22 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 SUPPORTED_ARCHITECTURE = "Qwen3ForCausalLM"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Values the layer tags (`jax.ad_checkpoint.checkpoint_name`) for the remat policies to save.
+PROJECTION_OUT = "projection_out"  # each projection's output, LoRA update included
+ATTENTION_OUT = "attention_out"  # the attention output (o_proj's input)
+# `remat` -> the policy of the checkpointed layer (None: no remat); `abscot_jax.config.ModelSection`
+# says what each keeps.
+REMAT_POLICIES = {
+    "none": None,
+    "layer": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.save_only_these_names(PROJECTION_OUT),
+    "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+}
 
 
 class ConfigError(ValueError):
@@ -31,7 +43,7 @@ class Qwen3Config:
     # Not part of the architecture: how we store and compute.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: str = "none"  # none | layer
+    remat: str = "none"  # a key of REMAT_POLICIES
     attention_impl: str = "xla"
 
     def __post_init__(self):
@@ -43,8 +55,8 @@ class Qwen3Config:
         for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ConfigError(f"{field}={getattr(self, field)!r}; expected one of {sorted(DTYPES)}")
-        if self.remat not in ("none", "layer"):
-            raise ConfigError(f"remat={self.remat!r}; expected 'none' or 'layer'")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat={self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
 
     @property
     def jnp_param_dtype(self):

@@ -13,10 +13,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from abscot_jax.model.attention import bottleneck_attention, cached_attention
-from abscot_jax.model.config import Qwen3Config
-from abscot_jax.sharding import constrain_activations
+from abscot_jax.model.config import ATTENTION_OUT, PROJECTION_OUT, REMAT_POLICIES, Qwen3Config
+from abscot_jax.sharding import constrain, gathered
 
 # name -> (logical axes of the stacked kernel [layers, in, out])
 PROJECTIONS = {
@@ -30,12 +31,24 @@ PROJECTIONS = {
 }
 # Projections that generation runs as one matmul on concatenated kernels (`layer_params_list`).
 FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+HIDDEN = ("batch", None, None)  # logical axes of the residual stream [B, T, hidden]
 NORMS = {
     "input_norm": ("layers", "norm"),
     "post_attn_norm": ("layers", "norm"),
     "q_norm": ("layers", "norm"),
     "k_norm": ("layers", "norm"),
 }
+
+
+def layer_axes(name: str) -> tuple[str, ...] | None:
+    """Logical axes of one layer's slice of a stacked parameter (None for generation's fused kernels)."""
+    if name in PROJECTIONS or name in NORMS:
+        return {**PROJECTIONS, **NORMS}[name][1:]
+    projection, _, part = name.rpartition("_lora_")
+    if projection in PROJECTIONS:
+        in_axis, out_axis = PROJECTIONS[projection][1:]
+        return (in_axis, "lora_rank") if part == "a" else ("lora_rank", out_axis)
+    return None
 
 
 def projection_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, int]]:
@@ -123,6 +136,18 @@ def _lora_delta_bwd(scale, residuals, g):
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
+def head_logits(hidden: jax.Array, kernel: jax.Array, new_kernel: jax.Array | None, new_token_start: int) -> jax.Array:
+    """fp32 logits [..., V] of hidden states [..., D]: `hidden @ kernel` ([D, V], compute dtype, fp32
+    accumulation), plus `hidden @ new_kernel` ([D, n], the new tokens' fp32 trainable rows, or None)
+    added at columns [new_token_start, + n). The latter runs on fp32 operands at full precision, so
+    the rows and their gradients see no bf16 or TF32 rounding; with n in the tens it costs nothing."""
+    out = jnp.einsum("...d,dv->...v", hidden, kernel, preferred_element_type=jnp.float32)
+    if new_kernel is not None:
+        new = jnp.einsum("...d,dn->...n", hidden.astype(jnp.float32), new_kernel, precision=jax.lax.Precision.HIGHEST)
+        out = out.at[..., new_token_start:new_token_start + new.shape[-1]].add(new)
+    return out
+
+
 class Qwen3(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -171,7 +196,8 @@ class Qwen3(nnx.Module):
 
     def embed_tokens(self, tokens):
         dtype = self.config.jnp_compute_dtype
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        table = gathered(self.embed[...].astype(dtype), ("vocab", "embed"))
+        x = jnp.take(table, tokens, axis=0)
         if self.embed_delta is not None:
             delta = self.embed_delta[...]
             index = tokens - self.new_token_start
@@ -183,16 +209,18 @@ class Qwen3(nnx.Module):
     def head_kernel(self) -> jax.Array:
         """[hidden, vocab] output projection (the embedding, transposed, when tied)."""
         kernel = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return kernel.astype(self.config.jnp_compute_dtype)
+        return gathered(kernel.astype(self.config.jnp_compute_dtype), ("embed", "vocab"))
+
+    def new_token_kernel(self) -> jax.Array | None:
+        """[hidden, n] fp32 trainable deltas of the new tokens' head columns (`head_delta`, or
+        `embed_delta` transposed when tied), or None without them."""
+        if self.embed_delta is None:
+            return None
+        return self.embed_delta[...].T if self.head_delta is None else self.head_delta[...]
 
     def logits(self, hidden) -> jax.Array:
         """fp32 logits [..., vocab] of final hidden states [..., hidden]."""
-        out = jnp.einsum("...d,dv->...v", hidden, self.head_kernel(), preferred_element_type=jnp.float32)
-        if self.embed_delta is not None:
-            delta = self.embed_delta[...].T if self.head_delta is None else self.head_delta[...]
-            new = jnp.einsum("...d,dn->...n", hidden, delta.astype(hidden.dtype), preferred_element_type=jnp.float32)
-            out = out.at[..., self.new_token_start:self.new_token_start + new.shape[-1]].add(new)
-        return out
+        return head_logits(hidden, self.head_kernel(), self.new_token_kernel(), self.new_token_start)
 
     # ---- forward ------------------------------------------------------------------------------
     def __call__(self, tokens, positions, segment_ids, roles) -> jax.Array:
@@ -214,7 +242,7 @@ class Qwen3(nnx.Module):
         `dropout_key` turns on LoRA dropout (training only).
         """
         cfg = self.config
-        x = constrain_activations(self.embed_tokens(tokens))
+        x = constrain(self.embed_tokens(tokens), HIDDEN)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         params = self.layer_params()
         if num_layers is not None:
@@ -230,7 +258,7 @@ class Qwen3(nnx.Module):
                     keep = jax.random.bernoulli(jax.random.fold_in(key, list(PROJECTIONS).index(name)), 1 - lora_dropout, h.shape)
                     h = jnp.where(keep, h / (1 - lora_dropout), 0).astype(h.dtype)
                 out = out + lora_delta(h, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora_scale)
-            return out
+            return checkpoint_name(out, PROJECTION_OUT)
 
         def project_all(h, p, names, key):
             """project() of each of `names`; one matmul when `p` holds their concatenated kernel."""
@@ -259,24 +287,26 @@ class Qwen3(nnx.Module):
         def layer(carry, scanned):
             x, kv = carry
             p, _, key = scanned
+            p = {name: gathered(w, layer_axes(name)) if layer_axes(name) else w for name, w in p.items()}
             b, t, _ = x.shape
             h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
             q, k, v = project_all(h, p, ("q_proj", "k_proj", "v_proj"), key)
-            q = q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-            k = k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-            v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+            q = constrain(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), ("batch", None, "heads", None))
+            k = constrain(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), ("batch", None, "kv_heads", None))
+            v = constrain(v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), ("batch", None, "kv_heads", None))
             q = apply_rope(rms_norm(q, p["q_norm"], cfg.rms_norm_eps), cos, sin)
             k = apply_rope(rms_norm(k, p["k_norm"], cfg.rms_norm_eps), cos, sin)
             attn, kv = attend(q, k, v, kv)
-            x = x + project(attn.reshape(b, t, -1), p, "o_proj", key)
+            attn = checkpoint_name(attn, ATTENTION_OUT)
+            x = x + project(constrain(attn.reshape(b, t, -1), ("batch", None, "heads")), p, "o_proj", key)
             h = rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
             gate, up = project_all(h, p, ("gate_proj", "up_proj"), key)
-            mlp = jax.nn.silu(gate) * up
-            x = constrain_activations(x + project(mlp, p, "down_proj", key))
+            mlp = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+            x = constrain(x + project(mlp, p, "down_proj", key), HIDDEN)
             return (x, kv), None
 
-        if cfg.remat == "layer":
-            layer = jax.checkpoint(layer, prevent_cse=False)
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         depth = cfg.num_hidden_layers if num_layers is None else num_layers
         new_cache = None
         if cache is None:

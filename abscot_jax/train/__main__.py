@@ -23,11 +23,12 @@ def main(argv=None) -> int:
     from abscot_jax.vocab import VocabError
 
     def train(_):
-        from abscot_jax.sharding import configure_logging, initialize_distributed
+        from abscot_jax.sharding import configure_logging, initialize_distributed, set_device_memory_fraction
 
+        cfg = load_config(args.config, args.set)
+        set_device_memory_fraction(cfg.train.device_memory_fraction)  # before JAX starts its devices
         initialize_distributed()
         configure_logging()
-        cfg = load_config(args.config, args.set)
         which = list(range(1, cfg.rounds + 1)) if args.rounds else [args.round]
         if args.round is not None and not 1 <= args.round <= cfg.rounds:
             raise rounds.RunError(f"--round {args.round} is outside 1..{cfg.rounds} (config rounds={cfg.rounds})")

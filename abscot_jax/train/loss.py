@@ -1,21 +1,70 @@
 """Token-mean next-token cross-entropy over the loss mask, without [B, T, V] logits.
 
 The final hidden states are cut into chunks of `chunk` tokens; each chunk's fp32 logits are made,
-reduced to per-token losses and dropped; chunks without loss weight are skipped. `jax.checkpoint` on the chunk makes the backward pass
-recompute them too, so at most one chunk of logits is alive at a time (V = 151,936 for Qwen3:
-8k tokens of full fp32 logits would be 5 GB).
+reduced to per-token losses and dropped; chunks without loss weight are skipped. The head's custom
+VJP (`token_nll`) keeps only its inputs and recomputes the chunk's logits in the backward, so at
+most one chunk of logits is alive at a time (V = 151,936 for Qwen3: 8k tokens of full fp32 logits
+would be 5 GB).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from abscot_jax.model.attention import Role
+from abscot_jax.model.qwen3 import head_logits
 
 
 def target_roles(roles: jax.Array) -> jax.Array:
     """Role of the token each position predicts (positions without a target have weight 0)."""
     return jnp.concatenate([roles[:, 1:], jnp.zeros_like(roles[:, :1])], axis=1)
+
+
+def token_nll(model, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """fp32 negative log-likelihood [...] of `targets` [...] under `model.logits(hidden)`. Its backward
+    runs the two [tokens, V] matmuls in the compute dtype with fp32 accumulation; the new tokens'
+    fp32 rows (`model.new_token_kernel`) get exact fp32 gradients."""
+    return _head_nll(hidden, model.head_kernel(), model.new_token_kernel(), targets, model.new_token_start)
+
+
+def _nll(logits, targets):
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _head_nll(hidden, kernel, new_kernel, targets, new_token_start):
+    return _nll(head_logits(hidden, kernel, new_kernel, new_token_start), targets)
+
+
+def _head_nll_fwd(hidden, kernel, new_kernel, targets, new_token_start):
+    # Only the inputs are kept: the [tokens, V] logits are recomputed in the backward.
+    return _head_nll(hidden, kernel, new_kernel, targets, new_token_start), (hidden, kernel, new_kernel, targets)
+
+
+def _head_nll_bwd(new_token_start, residuals, g):
+    hidden, kernel, new_kernel, targets = residuals
+    logits = head_logits(hidden, kernel, new_kernel, new_token_start)
+    # d nll / d logits = softmax - onehot, in fp32. Autodiff would multiply this fp32 [tokens, V]
+    # array with the head in fp32 (an fp32 copy of the head, fp32/TF32 GEMMs); here both matmuls
+    # take it in the compute dtype and accumulate in fp32 (in fp32 compute: the same products).
+    d_logits = g[..., None] * jax.nn.softmax(logits, axis=-1)
+    d_logits = d_logits - g[..., None] * jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    d_cast = d_logits.astype(hidden.dtype)
+    d_hidden = jnp.einsum("...v,dv->...d", d_cast, kernel, preferred_element_type=jnp.float32)
+    d_kernel = jnp.einsum("...d,...v->dv", hidden, d_cast, preferred_element_type=jnp.float32)
+    d_new_kernel = None
+    if new_kernel is not None:  # exact, as in the forward
+        d_new = d_logits[..., new_token_start:new_token_start + new_kernel.shape[-1]]
+        highest = jax.lax.Precision.HIGHEST
+        d_hidden = d_hidden + jnp.einsum("...n,dn->...d", d_new, new_kernel, precision=highest)
+        d_new_kernel = jnp.einsum("...d,...n->dn", hidden.astype(jnp.float32), d_new, precision=highest)
+    return d_hidden.astype(hidden.dtype), d_kernel.astype(kernel.dtype), d_new_kernel, None
+
+
+_head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
 
 
 def loss_sums(model, batch: dict, *, chunk: int = 1024, dropout_key=None) -> dict[str, jax.Array]:
@@ -45,15 +94,10 @@ def loss_sums(model, batch: dict, *, chunk: int = 1024, dropout_key=None) -> dic
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(rows, -1, span, *x.shape[2:]), 1, 0)
 
-    @jax.checkpoint
-    def chunk_nll(h, targets):
-        logits = model.logits(h)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1) - picked
-
     def body(_, xs):
         h, targets, w = xs
-        nll = jax.lax.cond(jnp.any(w > 0), chunk_nll, lambda _, t: jnp.zeros(t.shape, jnp.float32), h, targets)
+        nll = jax.lax.cond(jnp.any(w > 0), functools.partial(token_nll, model),
+                           lambda _, t: jnp.zeros(t.shape, jnp.float32), h, targets)
         return None, nll
 
     _, nll = jax.lax.scan(body, None, (chunks(hidden), chunks(targets), chunks(weights)))

@@ -21,6 +21,7 @@ from flax import nnx
 from abscot_jax.config import RunConfig
 from abscot_jax.model.config import ConfigError
 from abscot_jax.data.pipeline import make_dataset
+from abscot_jax.train.flops import peak_tflops, throughput
 from abscot_jax.train.step import BATCH_KEYS, TrainStep, trainable_filter
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,6 @@ def count_steps(examples, cfg: RunConfig) -> int:
                            num_epochs=t.epochs, shard_index=0, shard_count=1)
     steps = sum(1 for _ in dataset)
     return min(steps, t.max_steps) if t.max_steps else steps
-
-
-def flops_per_token(model, seq_len: int) -> float:
-    """6 N (forward + backward of the matmuls) + causal attention, per trained token."""
-    c = model.config
-    n = sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    attention = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len  # QK^T and PV, causal half
-    return 6 * float(n) + attention
 
 
 class MetricsLog:
@@ -140,8 +133,8 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
         start = restored_step
         log.info("resumed from step %d", start)
     metrics_log = MetricsLog(out_dir, start)
-    fpt = flops_per_token(model, t.seq_len)
-    peak = t.peak_tflops_per_device * 1e12 * jax.device_count()
+    peak = peak_tflops(jax.local_devices()[0].device_kind, t.peak_tflops_per_device)
+    lora = (cfg.lora.rank, tuple(cfg.lora.targets)) if t.mode == "lora" else (0, ())
 
     bar = None
     if progress and jax.process_index() == 0:
@@ -150,7 +143,8 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
         bar = tqdm(total=total_steps, initial=start, desc=out_dir.name, leave=False)
     for step in range(start, total_steps):
         tick = time.perf_counter()
-        batch = _global_batch(next(data_iter), t.grad_accum, mesh)
+        local = next(data_iter)
+        batch = _global_batch(local, t.grad_accum, mesh)
         try:
             metrics = {k: float(v) for k, v in trainer(batch).items()}
         except jax.errors.JaxRuntimeError as e:
@@ -169,8 +163,7 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
             raise TrainingDiverged(f"loss is {metrics['loss']} at step {step + 1}; stopped. Last good checkpoint: "
                                    f"{latest}; lower optim.learning_rate or check the data")
         record = {"step": step + 1, **metrics, "seconds": elapsed,
-                  "tokens_per_s": metrics["tokens"] / elapsed,
-                  "mfu": (metrics["tokens"] * fpt / elapsed / peak) if peak else None}
+                  **throughput(model.config, local, elapsed, peak, lora_rank=lora[0], lora_targets=lora[1])}
         metrics_log.write(record)
         if bar:
             bar.update(1)

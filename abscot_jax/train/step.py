@@ -2,6 +2,9 @@
 
 State is the split NNX graph of (model, optimizer); the step is one pure jitted function with
 explicit in/out shardings and the state donated, so parameters are updated in place on device.
+It is traced, compiled and run under `jax.set_mesh(mesh)`: the model's sharding constraints on
+activations and gathered weights act only there (without them XLA all-gathers activations and
+all-reduces logits instead of doing FSDP).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import optax
 from flax import nnx
 
 from abscot_jax.config import OptimSection, TrainSection
-from abscot_jax.sharding import batch_sharding, state_shardings
+from abscot_jax.sharding import batch_sharding, check_tensor_split, state_shardings
 from abscot_jax.train.loss import loss_sums, mean_losses
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "roles", "targets", "loss_mask")
@@ -76,15 +79,19 @@ class TrainStep:
     state: Any
     step_fn: Any
     schedule: Any
+    mesh: Any
+    compiled: Any = None  # set by `compile`; used instead of step_fn once there
 
     @classmethod
     def create(cls, model, optim: OptimSection, train: TrainSection, total_steps: int, mesh, seed: int = 0):
+        check_tensor_split(model.config.num_attention_heads, mesh.shape["tensor"])
         wrt = trainable_filter(train.mode, train.train_embedding)
         tx, schedule = make_optimizer(optim, total_steps)
         optimizer = nnx.Optimizer(model, tx, wrt=wrt)
         graphdef, state = nnx.split((model, optimizer))
         shardings = state_shardings(state, mesh)
-        state = jax.device_put(state, shardings)
+        with jax.set_mesh(mesh):
+            state = jax.device_put(state, shardings)
         batch_spec = batch_sharding(mesh)
         data_sharding = {k: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_spec.spec))
                          for k in BATCH_KEYS}
@@ -105,11 +112,19 @@ class TrainStep:
 
         step_fn = jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
                           donate_argnums=0)
-        return cls(graphdef, state, step_fn, schedule)
+        return cls(graphdef, state, step_fn, schedule, mesh)
+
+    def compile(self, batch: dict):
+        """Lower and compile the step for `batch`'s shapes ahead of time (the compiled executable is
+        returned, e.g. for its HLO text and memory analysis, and used by every later call)."""
+        with jax.set_mesh(self.mesh):
+            self.compiled = self.step_fn.lower(self.state, {k: batch[k] for k in BATCH_KEYS}).compile()
+        return self.compiled
 
     def __call__(self, batch: dict) -> dict:
         """One optimizer step on a batch of [grad_accum, B, T] arrays; returns the metrics (device arrays)."""
-        self.state, metrics = self.step_fn(self.state, {k: batch[k] for k in BATCH_KEYS})
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = (self.compiled or self.step_fn)(self.state, {k: batch[k] for k in BATCH_KEYS})
         return metrics
 
     def model(self):
