@@ -101,6 +101,8 @@ class SamplerSection:
     python: str = ""  # vllm: the Python of the environment that has vllm
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85  # vllm: share of each GPU it may take
+    dtype: str = "bfloat16"  # vllm: the dtype it computes in (auto: the checkpoint's)
     trace_temperature: float = 1.0  # sampling the training traces (Phase A rounds >= 2, Phase B)
     m_min: int = 1
     max_batch: int = 32
@@ -114,6 +116,9 @@ class EvalSection:
     trace_temperature: float = 0.7
     max_new_tokens: int = 2048
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["verbal"])  # of the starting model
+    # Share of an engine's requests (evaluation or trace sampling) that may fail before the stage
+    # fails instead of being marked done; failed requests are never graded as wrong answers.
+    max_error_fraction: float = 0.0
 
 
 @dataclasses.dataclass
@@ -166,6 +171,10 @@ class RunConfig:
             (self.sampler.engine != "vllm" or bool(self.sampler.python),
              "sampler.engine=vllm needs sampler.python: the Python of an environment with vllm installed"),
             (set(self.eval.baselines) <= {"verbal", "direct"}, "eval.baselines: a list of 'verbal' and 'direct'"),
+            (0 <= self.eval.max_error_fraction <= 1, "eval.max_error_fraction must be in [0, 1]"),
+            (0 < self.sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization must be in (0, 1]"),
+            (self.sampler.dtype in ("auto", "bfloat16", "float16", "float32"),
+             "sampler.dtype must be auto, bfloat16, float16 or float32"),
             (v.bottleneck in ("paper", "two_pass"), "variants.bottleneck must be 'paper' or 'two_pass'"),
             (v.trace_selection in ("none", "best_of_k"),
              "variants.trace_selection must be 'none' or 'best_of_k'"),

@@ -81,13 +81,37 @@ def code_version() -> str:
     return f"abscot-jax {version('abscot-jax')}" + (f" @ {commit}{'+dirty' if dirty else ''}" if commit else "")
 
 
+# Settings that change how a run executes, not what it computes: a rerun may change them.
+EXECUTION_KEYS = {"run_dir", "rounds", "sampler.engine", "sampler.python", "sampler.tensor_parallel_size",
+                  "sampler.data_parallel_size", "sampler.max_batch", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.device_memory_fraction", "eval.max_error_fraction", "mesh.data", "mesh.fsdp", "mesh.tensor"}
+
+
+def changed_settings(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for each setting (flattened, EXECUTION_KEYS left out) that differs."""
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        name, old, new = prefix + key, before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, name + ".")
+        elif old != new and name not in EXECUTION_KEYS:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
+
+
 class Run:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.dir = Path(cfg.run_dir) / cfg.name
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": {}}
+        finished = self.state["done"] and "config" in self.state
+        changes = changed_settings(self.state["config"], to_dict(cfg)) if finished else []
+        if changes:  # its finished stages would be reused with settings they were not made with
+            raise RunError(f"run {cfg.name!r} ({self.dir}) has {len(self.state['done'])} finished stage(s) made with "
+                           f"other settings ({'; '.join(changes)}); give this run a new name (--set name=...) or "
+                           "rerun with the settings it was made with")
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.state.setdefault("versions", []).append(code_version())
         self.state["config"] = to_dict(cfg)
         if jax.process_index() == 0:
@@ -189,12 +213,13 @@ class Run:
         m = self.cfg.model
         if not m.hf_dir:
             raise RunError("model.hf_dir is not set: give the starting model's HF directory")
-        model = load_hf(m.hf_dir)
+        model = load_hf(m.hf_dir, param_dtype=m.param_dtype)
         tokenizer = AutoTokenizer.from_pretrained(m.hf_dir)
         vocab, initialised = (prepare_model_vocab(model, tokenizer, sigma=m.new_row_sigma, seed=self.cfg.train.seed)
                               if m.add_abstract_vocab else (None, False))
         if jax.process_index() == 0:  # every process loaded the same model; one writes it
-            save_hf(model, self.dir / "base", tokenizer=tokenizer, dtype="float32", overwrite=True)
+            # In the training dtype: a bf16 base (LoRA) is exported in bf16, not as a 16 GB fp32 copy of 4B.
+            save_hf(model, self.dir / "base", tokenizer=tokenizer, dtype=m.param_dtype, overwrite=True)
         sync_processes("write base")
         return {"abstract_rows_initialised": initialised, "vocab_size": model.config.vocab_size}
 
@@ -229,7 +254,9 @@ class Run:
                                    base_dir=init_dir)
         gather_params(model)
         if jax.process_index() == 0:
-            save_hf(merge_lora(model), out_dir, tokenizer=self.tokenizer, dtype="float32", overwrite=True)
+            # The training dtype: what the next phase trains from (fp32 master weights in full fine-tuning).
+            save_hf(merge_lora(model), out_dir, tokenizer=self.tokenizer, dtype=self.cfg.model.param_dtype,
+                    overwrite=True)
         sync_processes(f"export {out_dir}")
         return summary
 
@@ -242,7 +269,8 @@ class Run:
         if s.engine == "hf":
             return HFEngine(model_dir, max_batch=s.max_batch)
         return vllm_engine(model_dir, VllmOptions(python=s.python, tensor_parallel_size=s.tensor_parallel_size,
-                                                  data_parallel_size=s.data_parallel_size, max_batch=s.max_batch))
+                                                  data_parallel_size=s.data_parallel_size, max_batch=s.max_batch,
+                                                  gpu_memory_utilization=s.gpu_memory_utilization, dtype=s.dtype))
 
     def sample_traces(self, model_dir: Path, examples, *, with_cot: bool, out: Path) -> dict:
         """Constrained traces from `model_dir` conditioned on (x, c) or x alone; failures are counted
@@ -274,7 +302,12 @@ class Run:
             traces, cost = selection.best, {"selection": f"best_of_{v.k}", **selection.cost}
         else:
             results = engine.run_requests(requests)
+            self.check_engine_errors(f"trace sampling from {model_dir}",
+                                     [r.error for r in results if r.finish_reason == "error"], len(requests))
             traces = {r.id: r.trace_ids for r in results if r.finish_reason == "stop" and r.trace_ids}
+        if not traces:
+            raise RunError(f"trace sampling from {model_dir} gave no complete trace for {len(requests)} requests "
+                           f"(sampler.engine={s.engine}); not marked done: check the model and the engine, then rerun")
         failed = len(requests) - len(traces)
         write_json_atomic(out, traces)
         lengths = [len(t) for t in traces.values()]
@@ -295,8 +328,19 @@ class Run:
                                     trace_temperature=e.trace_temperature, max_new_tokens=e.max_new_tokens,
                                     seed=self.cfg.train.seed, dataset=dataset_name(self.cfg.data.eval))
         if jax.process_index() == 0:
-            write_results(out_dir, records, summary)
+            write_results(out_dir, records, summary)  # also when it fails below: the records say why
+        self.check_engine_errors(f"evaluation of {model_dir} ({mode})",
+                                 [r["error"] for r in records if r["finish_reason"] == "error"], len(records))
         return {"accuracy": summary.get("accuracy"), "mean_tokens": summary.get("mean_generated_tokens")}
+
+    def check_engine_errors(self, what: str, errors: list, total: int) -> None:
+        """Fail the stage (it is not marked done) when more than eval.max_error_fraction of its
+        `total` requests came back as errors (an engine that could not start fails them all)."""
+        allowed = self.cfg.eval.max_error_fraction
+        if total and len(errors) > allowed * total:
+            raise RunError(f"{what}: {len(errors)} of {total} requests failed in the {self.cfg.sampler.engine} engine "
+                           f"({str(errors[0])[:400]}); above eval.max_error_fraction={allowed:g}, so the stage is "
+                           "not marked done: fix the engine or its settings and rerun")
 
     # ---- the round ----------------------------------------------------------------------------
     def start_model(self) -> Path:
@@ -416,6 +460,9 @@ def verbal_example(builder, example):
 
 
 def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Run:
+    if cfg.sampler.engine == "vllm" and not Path(cfg.sampler.python).is_file():
+        raise RunError(f"sampler.python={cfg.sampler.python!r} does not exist: give the Python of an environment "
+                       "with vllm installed")
     r = Run(cfg)
     r.setup()
     for t in rounds:

@@ -3,6 +3,8 @@
     python convert/flax_to_hf.py --ckpt CKPT --out HF [--merge-lora] [--base-dir BASE]
                                  [--dtype bfloat16|float32] [--max-shard-size 5GB] [--overwrite]
 
+Weights are written in the checkpoint's own dtype unless --dtype says otherwise.
+
 CKPT is a checkpoint from convert/hf_to_flax.py, or a training phase: its directory (RUN/round_1/phase_a,
 the latest step) or one step of it (RUN/round_1/phase_a/checkpoints/40). A LoRA phase holds only
 the adapters and new-token rows: --merge-lora folds them into the base model the phase started from
@@ -24,8 +26,8 @@ def main(argv=None) -> None:
                         help="LoRA training checkpoint: merge the adapters into the base weights (required there)")
     parser.add_argument("--base-dir", type=Path, default=None,
                         help="training checkpoint: the base model's HF directory, instead of the one in phase.json")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="dtype of the written weights")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                        help="dtype of the written weights (default: the checkpoint's, so nothing is rounded)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)

@@ -13,8 +13,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf-dir", required=True, type=Path, help="HF model directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to create")
-    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="dtype of the stored parameters (fp32: master weights for training)")
+    parser.add_argument("--param-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="dtype of the stored parameters (default: the weights' own, so nothing is "
+                             "rounded; float32: master weights for full fine-tuning)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 

@@ -279,15 +279,18 @@ def test_loads_into_target_shardings(tiny_untied_sharded_hf_dir, tmp_path):
 
 
 # ---- command line -----------------------------------------------------------------------------
-def test_cli_round_trip(bf16_sharded_dir, tmp_path):
+@pytest.mark.parametrize("source", ["fp32", "bf16"])
+def test_cli_round_trip_with_default_flags_is_bit_exact(hf_dirs, bf16_sharded_dir, tmp_path, source):
+    """HF -> checkpoint -> HF with no dtype flags keeps the weights' dtype: every tensor bit-identical."""
+    src, dtype = (bf16_sharded_dir, "bfloat16") if source == "bf16" else (hf_dirs["untied_kv1_hd24"], "float32")
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
-    done = run_cli("hf_to_flax.py", "--hf-dir", bf16_sharded_dir, "--out", ckpt)
+    done = run_cli("hf_to_flax.py", "--hf-dir", src, "--out", ckpt)
     assert done.returncode == 0, done.stderr
-    done = run_cli("flax_to_hf.py", "--ckpt", ckpt, "--out", out, "--dtype", "bfloat16", "--max-shard-size", "50KB")
+    done = run_cli("flax_to_hf.py", "--ckpt", ckpt, "--out", out, "--max-shard-size", "50KB")
     assert done.returncode == 0, done.stderr
-    assert_bit_exact(bf16_sharded_dir, out)
-    assert_same_config_and_tokenizer(bf16_sharded_dir, out)
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_bit_exact(src, out)  # dtypes included
+    assert_same_config_and_tokenizer(src, out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
 
 
 def _break_missing_shard(d: Path):

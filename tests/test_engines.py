@@ -117,6 +117,18 @@ def test_vllm_engine_options_and_gpu_groups(tmp_path):
         E.vllm_engine(tmp_path, options, gpus=[0, 1])
 
 
+def test_vllm_engine_takes_the_gpus_this_process_may_use(tmp_path, monkeypatch):
+    options = E.VllmOptions(tensor_parallel_size=2, data_parallel_size=2, gpu_memory_utilization=0.6, dtype="bfloat16")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    engine = E.vllm_engine(tmp_path, options)
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in engine.shard_env] == ["4,5", "6,7"]
+    assert engine.args[engine.args.index("--gpu-memory-utilization") + 1] == "0.6"
+    assert engine.args[engine.args.index("--dtype") + 1] == "bfloat16"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(ValueError, match="needs 4 GPUs"):
+        E.vllm_engine(tmp_path, options)
+
+
 def fake_vllm(hf_model, eos_id, include_stop: bool):
     """vLLM's documented semantics of the SamplingParams we use, greedy, on HF's model:
     allowed_token_ids, min_tokens (stop tokens and eos suppressed), max_tokens, stop_token_ids,

@@ -19,8 +19,8 @@ from flax import nnx
 from orbax.checkpoint import v1 as ocp
 
 from abscot_jax.checkpoint.hf import (
-    CheckpointError, Shardings, abstract_model, assemble, atomic_output_dir, copy_companions, ensure_new_dir,
-    hf_config_dict, hf_tensors, open_hf_dir, read_param, resolve_sharding, write_hf_dir,
+    CheckpointError, SafetensorsDir, Shardings, abstract_model, assemble, atomic_output_dir, copy_companions,
+    ensure_new_dir, hf_config_dict, hf_tensors, open_hf_dir, read_param, resolve_sharding, write_hf_dir,
 )
 from abscot_jax.model.config import DTYPES, ConfigError, Qwen3Config
 from abscot_jax.model.qwen3 import Qwen3
@@ -61,10 +61,19 @@ def save_checkpoint(model: Qwen3, ckpt_dir: str | Path, tokenizer_dir: str | Pat
     return _write_checkpoint(ckpt_dir, params.items(), cfg, hf_config, tokenizer_dir, overwrite)
 
 
-def convert_hf_to_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, *, param_dtype: str = "float32",
+def weights_dtype(hf_dir: str | Path) -> str:
+    """The dtype an HF directory's weights are stored in, as a parameter dtype: bfloat16 for bf16
+    weights, float32 for fp32 (and fp16/fp64 ones, which fp32 holds or rounds least)."""
+    stored = {dtype for _, _, dtype, _ in SafetensorsDir(hf_dir).tensors.values()}
+    return "bfloat16" if stored == {np.dtype(DTYPES["bfloat16"])} else "float32"
+
+
+def convert_hf_to_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, *, param_dtype: str | None = None,
                              overwrite: bool = False) -> Path:
-    """HF directory -> checkpoint, one parameter in host memory at a time (never the whole model)."""
+    """HF directory -> checkpoint, one parameter in host memory at a time (never the whole model).
+    `param_dtype` defaults to the weights' own (`weights_dtype`): nothing is rounded."""
     ensure_new_dir(ckpt_dir, overwrite)  # fail before the slow part
+    param_dtype = param_dtype or weights_dtype(hf_dir)
     cfg, reader = open_hf_dir(hf_dir, param_dtype=param_dtype, compute_dtype=param_dtype)
     leaves = abstract_model(cfg)[1].to_pure_dict()
     # One host buffer, reused for every parameter (each is on disk before the next is read):
@@ -127,11 +136,13 @@ def load_checkpoint(ckpt_dir: str | Path, shardings: Shardings = None, **overrid
     return assemble(graphdef, state, _load(ckpt_dir, target))
 
 
-def export_checkpoint_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
+def export_checkpoint_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
                             max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
-    """Checkpoint -> HF directory, one parameter in host memory at a time (never the whole model)."""
+    """Checkpoint -> HF directory, one parameter in host memory at a time (never the whole model).
+    `dtype` defaults to the checkpoint's parameter dtype: nothing is rounded."""
     ensure_new_dir(out_dir, overwrite)
     ckpt_dir, hf, cfg = _open_checkpoint(ckpt_dir, {})
+    dtype = dtype or cfg.param_dtype
     _, state = abstract_model(cfg)
     leaves = state.to_pure_dict()
 

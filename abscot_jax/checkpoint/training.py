@@ -139,9 +139,10 @@ def rebuild_trained_model(step_dir: Path, meta: dict, base_dir: str | Path | Non
 
 
 def export_phase_checkpoint(phase_dir: Path, step_dir: Path, out_dir: str | Path, *, merge_lora: bool,
-                            base_dir: str | Path | None = None, dtype: str = "bfloat16",
+                            base_dir: str | Path | None = None, dtype: str | None = None,
                             max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
-    """A phase checkpoint (see `find_phase_checkpoint`) -> HF directory, adapters merged."""
+    """A phase checkpoint (see `find_phase_checkpoint`) -> HF directory, adapters merged. `dtype`
+    defaults to the model's parameter dtype (the base's, for LoRA: merged in fp32, cast back)."""
     from abscot_jax.checkpoint.hf import ensure_new_dir, save_hf
     from abscot_jax.checkpoint.orbax_io import read_hf_config
     from abscot_jax.model import lora as lora_lib
@@ -153,5 +154,6 @@ def export_phase_checkpoint(phase_dir: Path, step_dir: Path, out_dir: str | Path
                               "pass --merge-lora to fold the adapters into the base weights and export")
     model, base = rebuild_trained_model(step_dir, meta, base_dir)
     lora_lib.merge_lora(model)
-    return save_hf(model, out_dir, tokenizer_dir=base, dtype=dtype, max_shard_size=max_shard_size,
+    return save_hf(model, out_dir, tokenizer_dir=base, dtype=dtype or model.config.param_dtype,
+                   max_shard_size=max_shard_size,
                    base_config=read_hf_config(base) if base is not None else meta["config"], overwrite=overwrite)

@@ -475,11 +475,19 @@ class SubprocessEngine:
         return [got.get(i) or SamplingResult.failure(i, message) for i in ids]
 
 
-def vllm_engine(model_dir, options: VllmOptions = VllmOptions(), gpus: Sequence[int] | None = None) -> SubprocessEngine:
-    """vLLM in the Python of `options.python`: data_parallel_size processes of
-    tensor_parallel_size GPUs each (GPU groups taken in order from `gpus`, default 0, 1, ...)."""
+def visible_gpus() -> list[str] | None:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (None when it is unset)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if visible is None else [g.strip() for g in visible.split(",") if g.strip()]
+
+
+def vllm_engine(model_dir, options: VllmOptions = VllmOptions(), gpus: Sequence[int | str] | None = None
+                ) -> SubprocessEngine:
+    """vLLM in the Python of `options.python`: data_parallel_size processes of tensor_parallel_size
+    GPUs each, GPU groups taken in order from `gpus` (default: this process's own visible GPUs, so
+    an engine started under CUDA_VISIBLE_DEVICES=4,5 uses 4 and 5; else 0, 1, ...)."""
     dp, tp = options.data_parallel_size, options.tensor_parallel_size
-    gpus = list(gpus) if gpus is not None else list(range(dp * tp))
+    gpus = list(gpus if gpus is not None else visible_gpus() or range(dp * tp))
     if len(gpus) < dp * tp:
         raise ValueError(f"data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs; got {gpus}")
     shard_env = [{"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus[s * tp:(s + 1) * tp]))} for s in range(dp)]
