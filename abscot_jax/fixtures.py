@@ -48,16 +48,24 @@ def _corpus(lines: int, seed: int) -> list[str]:
     return out
 
 
-def make_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 512, seed: int = 0):
-    """Train a byte-level BPE tokenizer offline; returns a `PreTrainedTokenizerFast` (saved if out_dir)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def qwen_pre_tokenizer():
+    """Qwen2/3's pre-tokenisation: split by QWEN_SPLIT_PATTERN, then map bytes to the byte-level
+    BPE characters."""
+    from tokenizers import Regex, pre_tokenizers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
+
+
+def make_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 512, seed: int = 0):
+    """Train a byte-level BPE tokenizer offline; returns a `PreTrainedTokenizerFast` (saved if out_dir)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = qwen_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -91,7 +91,8 @@ def abstract_vocab(tokenizer) -> AbstractVocab:
     """The abstract ids of an already extended tokenizer."""
     if not has_abstract_tokens(tokenizer):
         raise VocabError(MISSING_TOKENS_MESSAGE)
-    ids = [_lookup(tokenizer)[name] for name in NEW_TOKENS]
+    known = _lookup(tokenizer)  # once: it reads the whole vocabulary (151k entries for Qwen3)
+    ids = [known[name] for name in NEW_TOKENS]
     # Contiguous right after the original vocabulary is what lets `original_size` (= first id)
     # tell the trained rows from the new ones.
     if ids != list(range(ids[0], ids[0] + len(ids))):

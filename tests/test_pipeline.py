@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TOKENIZER_DIRS
 from flax import nnx
 
 from abscot_jax.data.dolci import DolciExample
@@ -24,10 +25,11 @@ QUESTIONS = ["What is 2 + 3?", "Find the sum of 4 and 5.", "Is 7 prime?", "Compu
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_hf_dir):
+def tok(request):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_hf_dir))
+    # The fixture tokenizer, or the one a test names (TOKENIZER_DIRS).
+    tokenizer = AutoTokenizer.from_pretrained(str(request.getfixturevalue(getattr(request, "param", "tiny_hf_dir"))))
     add_abstract_tokens(tokenizer)
     return tokenizer
 
@@ -238,6 +240,18 @@ def test_packed_loss_equals_unpacked_token_mean(phase_a, phase_b, two_layers):
     members = [index[s] for s in segments(batches[0])]
     first = packed[:2].sum(axis=0)
     assert first[0] / first[1] == pytest.approx(alone[members, 0].sum() / alone[members, 1].sum(), rel=1e-6)
+
+
+@pytest.mark.parametrize("tok", TOKENIZER_DIRS, indirect=True)
+def test_built_examples_pack_whole(tok, phase_a, phase_b):
+    """Phase A and B sequences with each tokenizer's token counts: every one packed once, whole."""
+    examples = phase_a + phase_b
+    batches = list(make_dataset(examples, batch_size=1, seq_len=SEQ_LEN, window=64, num_epochs=1,
+                                shard_index=0, shard_count=1))
+    assert collections.Counter(s for b in batches for s in segments(b)) == collections.Counter(map(key, examples))
+    tokens = sum(len(e) for e in examples)
+    assert np.mean([packing_efficiency(b) for b in batches]) == pytest.approx(tokens / (SEQ_LEN * len(batches)))
+    assert len(batches) < len(examples)  # rows hold several examples
 
 
 def take(it, n):

@@ -120,19 +120,31 @@ def test_end_forbidden_before_m_min_and_forced_at_m_max(end_logit, expect):
         assert set(tokens[1:-1]) <= set(TOY.abstract_ids)
 
 
-def test_allowed_tokens_table():
+def qwen3_trace(qwen3_tokenizer_dir) -> tuple[TraceTokens, int]:
+    """The trace ids Qwen3's real tokenizer gets, and Qwen3-4B's 151,936 embedding rows."""
+    from transformers import AutoTokenizer
+
+    from abscot_jax.plan import PRESETS
+
+    vocab = add_abstract_tokens(AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir)))
+    return TraceTokens.of(vocab), PRESETS["qwen3-4b"]["vocab_size"]
+
+
+@pytest.mark.parametrize("which", ["toy", "qwen3"])
+def test_allowed_tokens_table(which, request):
+    trace, size = (TOY, 80) if which == "toy" else qwen3_trace(request.getfixturevalue("qwen3_tokenizer_dir"))
     phase = jnp.array([C.BEFORE_TRACE, C.IN_TRACE, C.IN_TRACE, C.IN_TRACE, C.ANSWER])
     trace_len = jnp.array([0, 1, 2, 5, 9])
     m_min, m_max = jnp.full(5, 2), jnp.full(5, 5)
-    allowed = np.asarray(C.allowed_tokens(phase, trace_len, m_min, m_max, jnp.asarray(TOY.abstract_ids),
-                                          TOY.begin_id, TOY.end_id, 80))
-    abstract = np.zeros(80, bool)
-    abstract[list(TOY.abstract_ids)] = True
-    only = lambda i: np.arange(80) == i  # noqa: E731
-    np.testing.assert_array_equal(allowed[0], only(TOY.begin_id))  # begin forced
+    allowed = np.asarray(C.allowed_tokens(phase, trace_len, m_min, m_max, jnp.asarray(trace.abstract_ids),
+                                          trace.begin_id, trace.end_id, size))
+    abstract = np.zeros(size, bool)
+    abstract[list(trace.abstract_ids)] = True
+    only = lambda i: np.arange(size) == i  # noqa: E731
+    np.testing.assert_array_equal(allowed[0], only(trace.begin_id))  # begin forced
     np.testing.assert_array_equal(allowed[1], abstract)  # below m_min: no end
-    np.testing.assert_array_equal(allowed[2], abstract | only(TOY.end_id))
-    np.testing.assert_array_equal(allowed[3], only(TOY.end_id))  # at m_max: end forced
+    np.testing.assert_array_equal(allowed[2], abstract | only(trace.end_id))
+    np.testing.assert_array_equal(allowed[3], only(trace.end_id))  # at m_max: end forced
     assert allowed[4].all()  # answer: free
 
 

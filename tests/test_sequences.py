@@ -3,6 +3,7 @@ import collections
 
 import numpy as np
 import pytest
+from conftest import TOKENIZER_DIRS
 
 from abscot_jax.data.dolci import DolciExample
 from abscot_jax.data.sequences import (
@@ -17,10 +18,12 @@ EXAMPLE = DolciExample("ex0", MESSAGES, COT, "The answer is \\boxed{9}.")
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_hf_dir):
+def tok(request):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_hf_dir))  # our own copy: we extend it
+    # Our own copy (we extend it) of the fixture tokenizer, or of the one a test names (TOKENIZER_DIRS).
+    source = request.getfixturevalue(getattr(request, "param", "tiny_hf_dir"))
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
     add_abstract_tokens(tokenizer)
     return tokenizer
 
@@ -44,6 +47,7 @@ def pieces(example, roles):
     return runs
 
 
+@pytest.mark.parametrize("tok", TOKENIZER_DIRS, indirect=True)
 def test_phase_a_layout(tok, vocab):
     trace = list(vocab.abstract_ids[:5])
     ex = SequenceBuilder(tok, BuildConfig(seq_len=512)).phase_a(EXAMPLE, trace)
@@ -160,6 +164,7 @@ def _sizes(tok, example, m_max):
     return fixed, inner
 
 
+@pytest.mark.parametrize("tok", TOKENIZER_DIRS, indirect=True)
 @pytest.mark.parametrize("policy", ["head", "head_tail", "drop"])
 def test_cut_never_touches_question_trace_answer(tok, vocab, policy):
     m_max = 6
@@ -184,6 +189,7 @@ def test_cut_never_touches_question_trace_answer(tok, vocab, policy):
     assert list(cond) == list(cut.tokens[: len(cond)]) and cond[-1] == vocab.begin_id
 
 
+@pytest.mark.parametrize("tok", TOKENIZER_DIRS, indirect=True)
 def test_build_report_counts_on_crafted_rows(tok, vocab):
     m_max = 4
     short = [DolciExample(f"s{i}", MESSAGES, "the", "9") for i in range(3)]

@@ -1,10 +1,9 @@
 """Token-mean next-token cross-entropy over the loss mask, without [B, T, V] logits.
 
 The final hidden states are cut into chunks of `chunk` tokens; each chunk's fp32 logits are made,
-reduced to per-token losses and dropped; chunks without loss weight are skipped. The head's custom
-VJP (`token_nll`) keeps only its inputs and recomputes the chunk's logits in the backward, so at
-most one chunk of logits is alive at a time (V = 151,936 for Qwen3: 8k tokens of full fp32 logits
-would be 5 GB).
+reduced to per-token losses and dropped; chunks without loss weight are skipped. `token_nll` keeps
+only its inputs and recomputes the chunk's logits in the backward, so at most one chunk of logits
+is alive at a time (V = 151,936 for Qwen3: 8k tokens of full fp32 logits would be 5 GB).
 """
 from __future__ import annotations
 
@@ -23,9 +22,13 @@ def target_roles(roles: jax.Array) -> jax.Array:
 
 
 def token_nll(model, hidden: jax.Array, targets: jax.Array) -> jax.Array:
-    """fp32 negative log-likelihood [...] of `targets` [...] under `model.logits(hidden)`. Its backward
-    runs the two [tokens, V] matmuls in the compute dtype with fp32 accumulation; the new tokens'
-    fp32 rows (`model.new_token_kernel`) get exact fp32 gradients."""
+    """fp32 negative log-likelihood [...] of `targets` [...] under `model.logits(hidden)`. In a
+    low-precision compute dtype its backward runs the two [tokens, V] matmuls in that dtype with
+    fp32 accumulation; the new tokens' fp32 rows (`model.new_token_kernel`) get exact fp32 gradients.
+    In fp32 there is nothing to save: autodiff of the recomputed chunk is the backward (its rounding
+    differs from the custom one's, and the toy warm-up's outcome hangs on such differences)."""
+    if hidden.dtype == jnp.float32:
+        return jax.checkpoint(lambda h, t: _nll(model.logits(h), t))(hidden, targets)
     return _head_nll(hidden, model.head_kernel(), model.new_token_kernel(), targets, model.new_token_start)
 
 
