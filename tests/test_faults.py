@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from abscot_jax.config import load_config
@@ -15,6 +16,9 @@ from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.sharding import MeshConfig, make_mesh
 from abscot_jax.train.runner import run_phase
+
+# Multi-process, kill/resume, driver and study runs: `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
 
 TINY = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                    num_attention_heads=2, num_key_value_heads=1, head_dim=16)
@@ -91,8 +95,6 @@ def _mount_tmpfs(path, size):
 
 
 def test_no_space_during_export_is_a_clear_error_and_the_rerun_completes(tmp_path, tiny_hf_dir):
-    import pytest
-
     small = tmp_path / "small_disk"
     if not _mount_tmpfs(small, "200k"):
         pytest.skip("cannot mount a size-limited tmpfs here (needs root and mount permission)")

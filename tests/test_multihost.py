@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Multi-process, kill/resume, driver and study runs: `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("multihost_worker.py")
 KILL_AT_STEP = 3  # process 1 dies after step 3; the last checkpoint is step 2 (checkpoint_every=2)
 STOP_BOUND_S = 120  # liveness bound: the survivor must stop by then (heartbeat timeout in the worker: 10 s)

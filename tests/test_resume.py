@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+# Multi-process, kill/resume, driver and study runs: `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("train_worker.py")
 

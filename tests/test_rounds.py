@@ -11,6 +11,9 @@ import pytest
 from abscot_jax.data.toy import write_toy_data
 from abscot_jax.fixtures import make_checkpoint
 
+# Multi-process, kill/resume, driver and study runs: `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("driver_worker.py")
 
 

@@ -13,6 +13,9 @@ from abscot_jax.data.toy import write_toy_data
 from abscot_jax.fixtures import make_checkpoint
 from abscot_jax.model.config import ConfigError
 
+# Multi-process, kill/resume, driver and study runs: `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

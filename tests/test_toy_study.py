@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Multi-process, kill/resume, driver and study runs: `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("paper", "cot_codes+two_pass")
 TINY = ["train.batch_size=2", "train.epochs=1", "data.warmup_examples=6", "data.examples_per_phase=6",
