@@ -1,6 +1,7 @@
 """Typed run configuration: dataclasses, filled from YAML files and `--set a.b=value` overrides.
 
-YAML only sets values; every field, its type and its default live here. Mistakes (unknown key,
+YAML only sets values; every field, its type and its default live in the dataclasses: the sections
+here, plus the library's own `LoRAConfig` (lora) and `MeshConfig` (mesh). Mistakes (unknown key,
 wrong type, bad value) raise `ConfigError` with one line naming the key and the fix.
 """
 from __future__ import annotations
@@ -13,7 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from abscot_jax.data.sequences import BuildConfig
+from abscot_jax.layouts import LAYOUTS
 from abscot_jax.model.config import REMAT_POLICIES, ConfigError
+from abscot_jax.model.lora import LoRAConfig
+from abscot_jax.sharding import MeshConfig
+from abscot_jax.trace_sources import ROUND1_SOURCES, SELECTIONS
 
 
 @dataclasses.dataclass
@@ -33,15 +39,6 @@ class ModelSection:
     attention_impl: str = "xla"
     add_abstract_vocab: bool = True  # extend the tokenizer and (re)initialise the new rows
     new_row_sigma: float = 0.02
-
-
-@dataclasses.dataclass
-class LoRASection:
-    rank: int = 32
-    alpha: float = 64.0
-    dropout: float = 0.0
-    targets: list[str] = dataclasses.field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclasses.dataclass
@@ -74,13 +71,6 @@ class TrainSection:
     # Share of each accelerator's memory XLA may take (XLA_PYTHON_CLIENT_MEM_FRACTION, set by the train
     # command before JAX starts; JAX's own default is 0.75, below full fine-tuning's plan on 80 GB).
     device_memory_fraction: float = 0.92
-
-
-@dataclasses.dataclass
-class MeshSection:
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
 
 
 @dataclasses.dataclass
@@ -142,14 +132,20 @@ class RunConfig:
     run_dir: str = "runs"
     rounds: int = 3
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
+    lora: LoRAConfig = LoRAConfig()
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    mesh: MeshConfig = MeshConfig()
     data: DataSection = dataclasses.field(default_factory=DataSection)
     sampler: SamplerSection = dataclasses.field(default_factory=SamplerSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     variants: VariantsSection = dataclasses.field(default_factory=VariantsSection)
+
+    def build_config(self) -> BuildConfig:
+        """The sequence builder's settings, from the train and data sections."""
+        t, d = self.train, self.data
+        return BuildConfig(seq_len=t.seq_len, m_max=d.m_max, cut_policy=d.cut_policy, loss_on_trace=t.loss_on_trace,
+                           system=d.system or None, seed=t.seed)
 
     def validate(self) -> "RunConfig":
         v = self.variants
@@ -161,8 +157,6 @@ class RunConfig:
             (self.train.loss_chunk >= 1, "train.loss_chunk must be >= 1"),
             (0 < self.train.device_memory_fraction <= 1, "train.device_memory_fraction must be in (0, 1]"),
             (self.model.remat in REMAT_POLICIES, f"model.remat must be one of {', '.join(REMAT_POLICIES)}"),
-            (self.lora.rank >= 1, "lora.rank must be >= 1"),
-            (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
             (self.optim.learning_rate > 0, "optim.learning_rate must be > 0"),
             (0 <= self.optim.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
             (self.rounds >= 1, "rounds must be >= 1"),
@@ -175,15 +169,13 @@ class RunConfig:
             (0 < self.sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization must be in (0, 1]"),
             (self.sampler.dtype in ("auto", "bfloat16", "float16", "float32"),
              "sampler.dtype must be auto, bfloat16, float16 or float32"),
-            (v.bottleneck in ("paper", "two_pass"), "variants.bottleneck must be 'paper' or 'two_pass'"),
-            (v.trace_selection in ("none", "best_of_k"),
-             "variants.trace_selection must be 'none' or 'best_of_k'"),
+            (v.bottleneck in LAYOUTS, f"variants.bottleneck must be one of {', '.join(LAYOUTS)}"),
+            (v.trace_selection in SELECTIONS, f"variants.trace_selection must be one of {', '.join(SELECTIONS)}"),
             (v.k >= 1, "variants.k must be >= 1"),
             (v.trace_selection == "best_of_k" or not (v.select_phase_b or v.weight_by_score or v.trace_prior_weight),
              "variants.select_phase_b, weight_by_score and trace_prior_weight need variants.trace_selection=best_of_k"),
             (v.trace_prior_weight >= 0, "variants.trace_prior_weight must be >= 0"),
-            (v.round1_traces in ("random", "cot_codes"),
-             "variants.round1_traces must be 'random' or 'cot_codes'"),
+            (v.round1_traces in ROUND1_SOURCES, f"variants.round1_traces must be one of {', '.join(ROUND1_SOURCES)}"),
             (v.code_layer >= -1, "variants.code_layer must be -1 (middle layer) or a layer number >= 0"),
             (1 <= v.codes_per_step <= self.data.m_max, "variants.codes_per_step must be in [1, data.m_max]"),
             (v.bottleneck != "two_pass" or self.train.loss_on_trace,
@@ -195,9 +187,10 @@ class RunConfig:
         return self
 
 
-def _closest(key: str, valid) -> str:
+def _closest(key: str, valid, prefix: str = "") -> str:
+    """"; did you mean 'section.key'?": the valid key nearest to `key`, named in full."""
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    return f"; did you mean {f'{prefix}.{match[0]}' if prefix else match[0]!r}?" if match else ""
 
 
 def _coerce(value, hint, where: str):
@@ -210,11 +203,11 @@ def _coerce(value, hint, where: str):
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], where)
-    if origin is list:
-        (item,) = typing.get_args(hint)
+    if origin in (list, tuple):  # list[X] or tuple[X, ...]
+        item = typing.get_args(hint)[0]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML 1.1 reads "3e-4" as a string
@@ -231,7 +224,7 @@ def _build(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else key
         if key not in hints:
-            raise ConfigError(f"unknown config key {where!r}{_closest(key, hints)}")
+            raise ConfigError(f"unknown config key {where!r}{_closest(key, hints, prefix)}")
         kwargs[key] = _coerce(value, hints[key], where)
     return cls(**kwargs)
 
@@ -267,5 +260,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=R
     return _build(cls, data).validate()
 
 
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+def to_dict(config):
+    """The config as plain YAML data (sections as dicts, tuples as lists): what load_config reads back."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config

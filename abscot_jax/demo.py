@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from abscot_jax.hostmem import keep_freed_memory
 
 # The embedded default (configs/tiny_cpu.yaml holds the same settings for the train command).
 DEMO_SETTINGS = {
@@ -71,7 +70,6 @@ def prepare_inputs(cfg, where: Path) -> None:
 
 
 def main(argv=None) -> int:
-    keep_freed_memory()  # XLA's per-call temporaries: see abscot_jax/hostmem.py
     p = argparse.ArgumentParser(prog="python -m abscot_jax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     args = p.parse_args(argv)

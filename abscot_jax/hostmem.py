@@ -7,8 +7,8 @@ temporaries as new pages: on the 2-core development VM (gVisor) a step of the be
 for large blocks and no trimming of the heap, freed blocks are reused and the faults disappear.
 The price: the process keeps its peak heap until it exits, and that peak can be about two calls'
 temporaries (XLA may allocate a call's before freeing the previous call's). So the commands that
-run computations over and over apply it (train, demo, eval, the sampling engines, the toy
-study, the step benchmarks); the conversions, whose point is a small peak, do not (flax_to_hf
+run computations over and over apply it (the stage processes of train and demo, eval, the
+sampling engines, the toy study, the step benchmarks); the conversions, whose point is a small peak, do not (flax_to_hf
 with it: peak RSS 0.96 -> 1.70 GB, no faster). Opt out with ABSCOT_KEEP_FREED_MEMORY=0.
 """
 from __future__ import annotations

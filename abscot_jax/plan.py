@@ -1,8 +1,9 @@
 """Memory plan: bytes per device for a training config, and whether it fits.
 
 `python -m abscot_jax.plan --config FILE [--set k=v ...] [--hf-config qwen3-4b | DIR | config.json]
-[--devices N] [--device-memory-gb 80]` prints parameters, gradients, optimizer state and
-activations per device for that config and mesh, and says whether they fit.
+[--devices N] [--device-memory 80GB | h100 | ...]` prints parameters, gradients, optimizer state and
+activations per device for that config and mesh, and says whether they fit. It sizes the devices
+named on the command line; they need not exist on this machine.
 
 `memory_plan` is a pure function of the architecture, the run config and the device count. It
 counts what the code keeps, checked against XLA's own accounting of the compiled train step
@@ -57,7 +58,7 @@ from pathlib import Path
 from abscot_jax.config import RunConfig, load_config
 from abscot_jax.model.config import ConfigError, Qwen3Config
 from abscot_jax.model.qwen3 import NORMS, PROJECTIONS, norm_sizes, projection_shapes
-from abscot_jax.sharding import LOGICAL_RULES, MeshConfig, check_tensor_split, spec_for
+from abscot_jax.sharding import LOGICAL_RULES, check_tensor_split, spec_for
 from abscot_jax.vocab import NEW_TOKENS
 
 GiB = 2**30
@@ -152,14 +153,6 @@ def _split(width: int, logical_axis: str, mesh_shape: dict[str, int]) -> int:
     return mesh_shape[mesh_axis] if mesh_axis == "tensor" else 1  # fsdp splits weights, not these
 
 
-def mesh_shape_for(run: RunConfig, num_devices: int) -> tuple[int, int, int]:
-    m = run.mesh
-    try:
-        return MeshConfig(m.data, m.fsdp, m.tensor).shape(num_devices)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) -> MemoryPlan:
     """Bytes per device to train `model_cfg` as `run_cfg` says on `num_devices` devices.
 
@@ -167,7 +160,7 @@ def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) ->
     remat, attention kernel, mode, batch, sequence, loss chunk, mesh) from `run_cfg`.
     """
     cfg, run, t = model_cfg, run_cfg, run_cfg.train
-    data, fsdp, tensor = mesh_shape_for(run, num_devices)
+    data, fsdp, tensor = run.mesh.shape(num_devices)
     check_tensor_split(cfg.num_attention_heads, tensor)
     mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
     c = DTYPE_BYTES[run.model.compute_dtype]
@@ -200,7 +193,7 @@ def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) ->
     # "xla" builds [T, T] scores; "auto" is the fused Pallas kernel on a GPU (what a plan is for).
     impl = {"auto": "pallas"}.get(run.model.attention_impl, run.model.attention_impl)
     dense = impl == "xla"
-    targets = run.lora.targets if t.mode == "lora" else []
+    targets = run.lora.targets if t.mode == "lora" else ()
 
     per_token = {  # R: bytes saved per token per layer
         "norms": 2 * d * (4 + c * (1 + w)),
@@ -272,8 +265,50 @@ def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) ->
 
 # ---- command line ---------------------------------------------------------------------------------
 
-def load_model_config(source: str, run: RunConfig) -> Qwen3Config:
-    """A preset name, a config.json, or a directory holding one."""
+# Memory per device by kind, in GiB, as the driver reports it (nvidia-smi's total; Google's HBM figures).
+DEVICE_KINDS = {
+    "a100-40gb": 40.0, "a100-80gb": 80.0, "h100": 81559 / 1024, "h200": 143771 / 1024,
+    "tpu-v4": 32.0, "tpu-v5e": 16.0, "tpu-v5p": 95.0, "tpu-v6e": 32.0,
+}
+
+
+def parse_device_memory(text: str) -> tuple[float, str]:
+    """`--device-memory`: a device kind, or a size such as 80GB, 80GiB or 80 (all GiB: GPU memory is
+    sold in binary gigabytes, an "80GB" card has 80 GiB or just under). Returns (GiB, description)."""
+    kind = text.strip().lower()
+    if kind in DEVICE_KINDS:
+        return DEVICE_KINDS[kind], f"{kind}: {DEVICE_KINDS[kind]:.1f} GiB"
+    number = kind.removesuffix("gib").removesuffix("gb").strip()
+    try:
+        gib = float(number)
+    except ValueError:
+        raise ConfigError(f"--device-memory {text}: not a size (80GB, 80GiB, 80) nor a device kind "
+                          f"({', '.join(DEVICE_KINDS)})") from None
+    if gib <= 0:
+        raise ConfigError(f"--device-memory {text}: must be more than 0")
+    return gib, f"{gib:g} GiB"
+
+
+def devices_for(run: RunConfig, devices: int | None) -> int:
+    """The device count to size: --devices, else what the config's mesh names (1 when an axis is -1).
+    A mesh whose sizes are all fixed must use exactly --devices."""
+    m = run.mesh
+    sizes = (m.data, m.fsdp, m.tensor)
+    fixed = -1 not in sizes
+    if devices is None:
+        return math.prod(sizes) if fixed else 1
+    if devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {devices}")
+    if fixed and math.prod(sizes) != devices:
+        raise ConfigError(f"the config's mesh data={m.data} x fsdp={m.fsdp} x tensor={m.tensor} uses "
+                          f"{math.prod(sizes)} devices, not --devices {devices}; set the mesh for {devices} "
+                          f"(e.g. --set mesh.fsdp=-1) or leave --devices out")
+    return devices
+
+
+def load_model_config(source: str, run: RunConfig, option: str = "--hf-config") -> Qwen3Config:
+    """A preset name, a config.json, or a directory holding one. `option` names where `source`
+    came from, for the error message."""
     overrides = dict(param_dtype=run.model.param_dtype, compute_dtype=run.model.compute_dtype,
                      remat=run.model.remat, attention_impl=run.model.attention_impl)
     if source.lower() in PRESETS:
@@ -282,7 +317,9 @@ def load_model_config(source: str, run: RunConfig) -> Qwen3Config:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{source}: no such preset ({', '.join(PRESETS)}), config.json or model directory")
+        raise ConfigError(f"{option} {source}: no such preset, config.json or model directory; pass "
+                          f"--hf-config {' | '.join(PRESETS)} (the architecture, offline), "
+                          "--hf-config CONFIG_JSON or --set model.hf_dir=DIR")
     try:
         return Qwen3Config.from_hf_dict(json.loads(path.read_text()), **overrides)
     except json.JSONDecodeError as e:
@@ -291,7 +328,10 @@ def load_model_config(source: str, run: RunConfig) -> Qwen3Config:
         raise ConfigError(f"{path}: no {e.args[0]!r}; not a Qwen3 config.json") from None
 
 
-def format_plan(plan: MemoryPlan, cfg: Qwen3Config, run: RunConfig, device_memory_gb: float | None) -> str:
+def format_plan(plan: MemoryPlan, cfg: Qwen3Config, run: RunConfig, device_memory_gib: float | None,
+                device: str = "") -> str:
+    """The plan as a table; with `device_memory_gib`, a verdict against that much memory per device
+    (`device` describes it: "h100: 79.6 GiB")."""
     t = run.train
     data, fsdp, tensor = plan.mesh
     lines = [
@@ -301,7 +341,8 @@ def format_plan(plan: MemoryPlan, cfg: Qwen3Config, run: RunConfig, device_memor
         f"run: {t.mode}{f' r={run.lora.rank}' if t.mode == 'lora' else ''}, params {run.model.param_dtype}, "
         f"compute {run.model.compute_dtype}, remat {run.model.remat}, attention {run.model.attention_impl}, "
         f"seq {t.seq_len}, batch {t.batch_size} x accum {t.grad_accum}, loss chunk {t.loss_chunk}",
-        f"mesh: data {data} x fsdp {fsdp} x tensor {tensor} = {data * fsdp * tensor} devices",
+        f"mesh: data {data} x fsdp {fsdp} x tensor {tensor} = {data * fsdp * tensor} devices"
+        f"{f' ({device} each)' if device else ''}",
         "",
         f"{'per device':<52}{'GiB':>10}",
     ]
@@ -317,42 +358,54 @@ def format_plan(plan: MemoryPlan, cfg: Qwen3Config, run: RunConfig, device_memor
     lines += [f"{name:<52}{value / GiB:>10.2f}" for name, value in rows]
     lines.append(f"{'total':<52}{plan.total / GiB:>10.2f}")
     lines += [f"note: {n}" for n in plan.notes]
-    if device_memory_gb:
+    if device_memory_gib:
         fraction = t.device_memory_fraction
-        budget = fraction * device_memory_gb * GiB  # what XLA may take (the train command sets it)
+        budget = fraction * device_memory_gib * GiB  # what XLA may take (the train command sets it)
         verdict = "fits" if plan.total <= budget else "does not fit"
         lines.append(f"{verdict}: {plan.total / GiB:.1f} of {budget / GiB:.1f} GiB per device "
                      f"({100 * plan.total / budget:.0f}%; train.device_memory_fraction={fraction:g} "
-                     f"of {device_memory_gb:g} GiB)")
-        if budget < plan.total <= device_memory_gb * GiB:
+                     f"of {device_memory_gib:.1f} GiB)")
+        if budget < plan.total <= device_memory_gib * GiB:
             lines.append(f"note: it would fit with train.device_memory_fraction="
-                         f"{min(1.0, math.ceil(100 * plan.total / (device_memory_gb * GiB)) / 100):g}")
+                         f"{min(1.0, math.ceil(100 * plan.total / (device_memory_gib * GiB)) / 100):g}")
     return "\n".join(lines)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, [], False) else super()._get_help_string(action)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m abscot_jax.plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m abscot_jax.plan", description=__doc__.splitlines()[0],
+                                     formatter_class=_Help)
     parser.add_argument("--config", help="run config YAML (defaults when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.seq_len=4096; repeatable")
     parser.add_argument("--hf-config", help=f"architecture: a preset ({', '.join(PRESETS)}), a config.json or "
                                             "an HF model directory (default: model.hf_dir)")
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--device-memory-gb", type=float, default=80.0,
-                        help="memory per device in GiB (an 80 GB H100 has 80 GiB); default 80")
+    parser.add_argument("--devices", type=int,
+                        help="how many devices to size for; they need not exist here "
+                             "(default: the number the config's mesh names, 1 when an axis is -1)")
+    parser.add_argument("--device-memory", default="h100",
+                        help=f"memory per device: a size (80GB, 80GiB and 80 all mean 80 GiB) or a device kind "
+                             f"({', '.join(DEVICE_KINDS)})")
     args = parser.parse_args(argv)
     try:
         run = load_config(args.config, args.overrides)
-        source = args.hf_config or run.model.hf_dir
+        option, source = ("--hf-config", args.hf_config) if args.hf_config else ("model.hf_dir", run.model.hf_dir)
         if not source:
             raise ConfigError("no architecture: pass --hf-config (a preset such as qwen3-4b, or a config.json)")
-        if args.devices < 1:
-            raise ConfigError(f"--devices must be >= 1, got {args.devices}")
-        cfg = load_model_config(source, run)
-        plan = memory_plan(cfg, run, args.devices)
+        devices = devices_for(run, args.devices)
+        device_memory_gib, device = parse_device_memory(args.device_memory)
+        cfg = load_model_config(source, run, option)
+        plan = memory_plan(cfg, run, devices)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_plan(plan, cfg, run, args.device_memory_gb))
+    print(format_plan(plan, cfg, run, device_memory_gib, device))
     return 0
 
 

@@ -10,7 +10,9 @@ Reads (every piece optional; what is missing shows as "—"):
     RUN/round_T/eval/summary.json
 
 Writes RUN/report.md, RUN/loss_curves.png and RUN/accuracy_vs_tokens.png (each under a temporary
-name, then renamed). Rounds are those with a round_T directory and 1..config.rounds.
+name, then renamed). Rounds are those with a round_T directory and 1..config.rounds. Accuracies
+are percentages throughout; where the task defines a chance level (the toy task's one-digit
+answers) the report states it and the accuracy plot draws it.
 """
 from __future__ import annotations
 
@@ -22,8 +24,12 @@ from pathlib import Path
 
 DASH = "—"
 PHASES = ("a", "b")
-BASELINES = (("verbal", "Baseline (verbal CoT)"), ("direct", "Direct answer"))
+BASELINES = (("verbal", "Baseline (verbal CoT)"), ("direct", "Direct answer (CoT closed empty)"))
 LOSS_PLOT, ACCURACY_PLOT = "loss_curves.png", "accuracy_vs_tokens.png"
+MATH500_HUB_ID = "HuggingFaceH4/MATH-500"
+# Chance accuracy of the tasks that define one, by the subject their evaluation problems carry:
+# the toy task (abscot_jax/data/toy.py) answers with one digit, 0-9.
+TASK_CHANCE = {"Running sums": (0.10, "the toy task's answer is one digit, 0-9")}
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -85,8 +91,33 @@ def load_run(run_dir: str | Path) -> dict:
         rd = run_dir / f"round_{t}"
         rounds[t] = {"eval": _read_json(rd / "eval" / "summary.json", problems),
                      "losses": {ph: _read_metrics(rd / f"phase_{ph}" / "metrics.jsonl", problems) for ph in PHASES}}
-    name = (state or {}).get("config", {}).get("name") if isinstance((state or {}).get("config"), dict) else None
-    return {"name": name or run_dir.name, "baselines": baselines, "rounds": rounds, "problems": problems}
+    config = (state or {}).get("config")
+    config = config if isinstance(config, dict) else {}
+    return {"name": config.get("name") or run_dir.name, "baselines": baselines, "rounds": rounds,
+            "problems": problems, "eval_data": (config.get("data") or {}).get("eval")}
+
+
+def _summaries(run: dict) -> list[dict]:
+    return [s for s in run["baselines"].values() if s] + [r["eval"] for r in run["rounds"].values() if r["eval"]]
+
+
+def dataset_label(run: dict) -> str:
+    """The evaluation data's name: from the summaries, else from the config's data.eval (named as
+    the evaluation names it: MATH-500 or the file's name), else none known."""
+    named = [s["dataset"] for s in _summaries(run) if isinstance(s.get("dataset"), str)]
+    if named:
+        return named[0]
+    source = run.get("eval_data")
+    if isinstance(source, str) and source:
+        return "MATH-500" if source in ("math500", MATH500_HUB_ID) else Path(source).name
+    return "Eval"
+
+
+def chance_level(run: dict) -> tuple[float, str] | None:
+    """(chance accuracy, why) when every evaluated problem's subject is a task that defines one."""
+    subjects = {name for s in _summaries(run) if isinstance(s.get("by_subject"), dict) for name in s["by_subject"]}
+    levels = {TASK_CHANCE.get(name) for name in subjects}
+    return levels.pop() if len(levels) == 1 and None not in levels else None
 
 
 # ---- formatting -------------------------------------------------------------------------------
@@ -117,6 +148,12 @@ def fmt_number(x, spec: str = ".1f") -> str:
     return DASH if x is None else format(x, spec)
 
 
+def fmt_percent(x) -> str:
+    """A fraction as a percentage: 0.125 -> '12.5%'."""
+    x = as_number(x)
+    return DASH if x is None else f"{100 * x:.1f}%"
+
+
 DIAGNOSTICS_COLUMNS = ("Own trace", "Random trace", "Shuffled trace", "Entropy (nats)", "Distinct traces",
                        "Mean trace length")
 
@@ -127,8 +164,8 @@ def diagnostics_cells(d: dict | None) -> list[str]:
         return [DASH] * len(DIAGNOSTICS_COLUMNS)
     length = d.get("trace_length") or {}
     ci = d.get("own_accuracy_ci") or [None, None]
-    return [f"{fmt_number(d.get('own_accuracy'), '.3f')} [{fmt_number(ci[0], '.3f')}, {fmt_number(ci[1], '.3f')}]",
-            fmt_number(d.get("random_accuracy"), ".3f"), fmt_number(d.get("shuffled_accuracy"), ".3f"),
+    return [f"{fmt_percent(d.get('own_accuracy'))} [{fmt_percent(ci[0])}, {fmt_percent(ci[1])}]",
+            fmt_percent(d.get("random_accuracy")), fmt_percent(d.get("shuffled_accuracy")),
             f"{fmt_number(d.get('entropy_nats'), '.2f')} of {fmt_number(d.get('entropy_max_nats'), '.2f')}",
             f"{d.get('distinct_traces', DASH)} of {d.get('n_traces', DASH)}",
             f"{fmt_number(length.get('mean'))} (min {length.get('min', DASH)}, max {length.get('max', DASH)})"]
@@ -150,10 +187,49 @@ def _histogram_text(hist: dict | None, width: int = 30) -> list[str]:
     return lines
 
 
+def verdict_headline(verdict) -> str:
+    """The verdict's class ("TRACE CARRIES NO INFORMATION", ...) without its numbers, which the
+    table's cells give as percentages; with the note on token order when it has one."""
+    if not isinstance(verdict, str) or not verdict:
+        return DASH
+    head, _, rest = verdict.partition(":")
+    return head + (" (its token order carries none)" if "its token order carries none" in rest else "")
+
+
+def reading_guide(chance: tuple[float, str] | None) -> list[str]:
+    """The "How to read this" section."""
+    chance_text = f" Chance is {fmt_percent(chance[0])} ({chance[1]})." if chance else ""
+    return [
+        "## How to read this", "",
+        f"- **Accuracy**: the share of held-out problems answered correctly (the last `\\boxed{{}}` against the "
+        f"gold answer), with the 95% CI over problems.{chance_text} **Baseline (verbal CoT)**: the starting model "
+        "writing its own chain of thought. **Direct answer (CoT closed empty)**: the same model with its CoT "
+        "block closed before it writes, so no verbal CoT is asked for; a model may still write some reasoning "
+        "in its answer, which its mean tokens show.",
+        "- **Own / random / shuffled trace**: the round's model answering after its own sampled trace, after a "
+        "uniformly random trace of the same length, and after its own trace's tokens in shuffled order. A trace "
+        "that carries what the answer needs makes own beat random by more than own's CI; shuffled says whether "
+        "the order of its tokens matters.",
+        "- **Entropy**: of the abstract tokens, pooled over all traces, in nats. Its maximum is ln 64 = 4.16, "
+        "reached when all 64 tokens occur equally often; an estimate from a sample of traces sits slightly "
+        "below the true value, so \"4.03 of 4.16\" means traces that use all 64 tokens almost evenly. That is "
+        "what random tokens look like; it does not show that a trace depends on its problem.",
+        "- **Distinct traces**: how many traces differ as token sequences. Traces sampled at a temperature "
+        "above 0 are nearly all distinct whether or not they carry information.",
+        "- **A null trace** carries no information: own, random and shuffled accuracy agree within the CI "
+        "(verdict TRACE CARRIES NO INFORMATION), entropy is near its maximum and every trace is distinct; the "
+        "model answers as well without its trace" + (", here near chance." if chance else ".") + " The paper's "
+        "method (the default `variants`) gives a null trace on the toy task (running sums mod 10): in Phase A "
+        "the answer reads the CoT through the trace positions' hidden states, so nothing pushes information "
+        "into the trace tokens (docs/method.md). docs/variants.md describes the variants that give the trace a "
+        "reason to carry information.", "",
+    ]
+
+
 def render_markdown(run: dict) -> str:
-    summaries = [s for s in run["baselines"].values() if s] + [r["eval"] for r in run["rounds"].values() if r["eval"]]
-    dataset = next((s["dataset"] for s in summaries if isinstance(s.get("dataset"), str)), "MATH-500")
-    out = [f"# Abstract-CoT run: {run['name']}", "", f"| Run | {dataset} acc | Mean tokens |", "|---|---|---|"]
+    chance = chance_level(run)
+    out = [f"# Abstract-CoT run: {run['name']}", "", f"| Run | {dataset_label(run)} accuracy | Mean tokens |",
+           "|---|---|---|"]
     for mode, label in BASELINES:
         summary = run["baselines"][mode]
         if summary is not None or mode == "verbal":  # the direct answer only when it was evaluated
@@ -162,7 +238,8 @@ def render_markdown(run: dict) -> str:
         out.append(f"| Round {t} (abstract) | {fmt_accuracy(r['eval'])} | "
                    f"{fmt_number((r['eval'] or {}).get('mean_generated_tokens'))} |")
     out += ["", "Accuracy: mean over problems (and samples) with the 95% bootstrap CI over problems. Mean tokens: "
-            "everything generated (trace and its delimiters, answer, end of turn).", ""]
+            "everything generated (trace and its delimiters, answer, end of turn)."
+            + (f" Chance: {fmt_percent(chance[0])} ({chance[1]})." if chance else ""), ""]
 
     out += ["## Trace diagnostics", "",
             "Accuracy with the model's own trace, a random trace of the same length and its own tokens shuffled; "
@@ -170,10 +247,11 @@ def render_markdown(run: dict) -> str:
             "| Round | " + " | ".join(DIAGNOSTICS_COLUMNS) + " | Verdict |", "|---" * (len(DIAGNOSTICS_COLUMNS) + 2) + "|"]
     for t, r in run["rounds"].items():
         d = (r["eval"] or {}).get("diagnostics")
-        cells = diagnostics_cells(d) + [d.get("verdict", DASH) if isinstance(d, dict) else DASH]
+        cells = diagnostics_cells(d) + [verdict_headline(d.get("verdict")) if isinstance(d, dict) else DASH]
         out.append(f"| {t} | " + " | ".join(cells) + " |")
+    out += ["", *reading_guide(chance)]
 
-    out += ["", "## Training loss (first and last step)", "",
+    out += ["## Training loss (first and last step)", "",
             "| Round | Phase A start | Phase A end | Phase B start | Phase B end |", "|---|---|---|---|---|"]
     for t, r in run["rounds"].items():
         cells = []
@@ -225,11 +303,14 @@ def plot_losses(run: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy_vs_tokens(run: dict, path: Path) -> None:
+def accuracy_figure(run: dict):
+    """Accuracy (with its CI) against mean generated tokens, one labelled point per evaluation, the
+    chance line where the task has one; labels moved apart until none overlaps another."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     def point(summary):
         acc, tokens = as_number((summary or {}).get("accuracy")), as_number((summary or {}).get("mean_generated_tokens"))
@@ -239,18 +320,51 @@ def plot_accuracy_vs_tokens(run: dict, path: Path) -> None:
     labelled = [(label, point(run["baselines"][mode])) for mode, label in BASELINES]
     labelled += [(f"round {t}", point(r["eval"])) for t, r in run["rounds"].items()]
     drawn = [(label, p) for label, p in labelled if p is not None]
+    labels = []
     for label, (tokens, acc, ci) in drawn:
         err = None
         if isinstance(ci, list) and len(ci) == 2 and all(as_number(c) is not None for c in ci):
             err = [[max(0.0, acc - ci[0])], [max(0.0, ci[1] - acc)]]
         ax.errorbar([tokens], [acc], yerr=err, fmt="o", capsize=3)
-        ax.annotate(label, (tokens, acc), textcoords="offset points", xytext=(5, 5))
+        labels.append(ax.annotate(label, (tokens, acc), textcoords="offset points", xytext=(5, 5)))
     rounds = [p for label, p in drawn if label.startswith("round")]
     if len(rounds) > 1:
         ax.plot([p[0] for p in rounds], [p[1] for p in rounds], "--", color="grey")
+    chance = chance_level(run)
+    fixed = []
+    if chance:
+        ax.axhline(chance[0], linestyle=":", color="black", linewidth=1)
+        # Outside the plot area, right of its end: it covers no point.
+        fixed.append(ax.annotate(f"chance {fmt_percent(chance[0])}", (1, chance[0]), xycoords=("axes fraction", "data"),
+                                 textcoords="offset points", xytext=(3, 0), ha="left", va="center"))
     if not drawn:
         ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set(xlabel="mean generated tokens", ylabel="accuracy", title="Accuracy vs mean tokens")
+    _separate_labels(fig, fixed, labels)
+    return fig
+
+
+def _separate_labels(fig, fixed, labels, gap: float = 2.0) -> None:
+    """Move each label up (in points) until its box overlaps neither a fixed text nor a label
+    placed before it; labels are placed from the lowest point up."""
+    fig.canvas.draw()  # fixes the axis limits the labels' positions depend on
+    renderer = fig.canvas.get_renderer()
+    taken = [text.get_window_extent(renderer) for text in fixed]
+    for label in sorted(labels, key=lambda a: (a.xy[1], a.xy[0])):
+        for _ in range(100):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in taken):
+                break
+            x, y = label.xyann
+            label.xyann = (x, y + box.height * 72 / fig.dpi + gap)
+        taken.append(label.get_window_extent(renderer))
+
+
+def plot_accuracy_vs_tokens(run: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(run)
     save_figure(fig, path)
     plt.close(fig)
 

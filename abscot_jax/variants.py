@@ -1,14 +1,10 @@
-"""Variants of the method that give the trace a reason to carry information (issue 7; docs/variants.md).
+"""Trace sources that give the trace a reason to carry information (docs/variants.md); the
+trace_sources modules of the same names call them, and abscot_jax/layouts holds the two-pass layout.
 
-    bottleneck: two_pass          Phase A as two packed passes: [x; c; z] with loss on z and
-                                  [x; z; y] with loss on y. The answer sees c only through z's tokens.
     trace_selection: best_of_k    k constrained traces per example; keep the one under which the gold
                                   answer is most likely given [x; z] alone (or all, weighted);
                                   `trace_prior_weight` w adds w * log p(z | x) to that score.
     round1_traces: cot_codes      round-1 traces = k-means codes of the hidden states of the CoT steps.
-
-The paper's method (paper / none / random) stays the default; the round driver (rounds.py) calls
-these functions only when a variant is configured.
 """
 from __future__ import annotations
 
@@ -92,53 +88,6 @@ def _answer_and_trace_logprobs(model, batch, chunk: int):
     return jnp.where(answer, logp, 0.0), jnp.where(trace, logp, 0.0)
 
 
-def role_runs(tokens: np.ndarray, roles: np.ndarray) -> list[tuple[np.ndarray, Role]]:
-    """The (ids, role) pieces of a sequence: its maximal runs of one role."""
-    cuts = np.flatnonzero(roles[1:] != roles[:-1]) + 1
-    return [(ids, Role(int(r[0]))) for ids, r in zip(np.split(tokens, cuts), np.split(roles, cuts))]
-
-
-# ---- 1. two-pass Phase A (a discrete bottleneck) ------------------------------------------------
-
-def two_pass_examples(builder, example, trace: Sequence[int] | None = None) -> list[SequenceExample]:
-    """The Phase A example split into its two passes, both derived from `builder.phase_a` (same cut,
-    same checks, same report): the trace pass `[x; c; z]` (its answer removed; loss on z, always:
-    training z is its only purpose) and the answer pass `[x; z; y]` (its CoT removed; loss on y
-    only, token for token the Phase B / evaluation sequence). [] when Phase A drops the example."""
-    a = builder.phase_a(example, trace)
-    if a is None:
-        return []
-    trace_part, answer_part = a.roles != Role.ANSWER, a.roles != Role.COT
-    return [
-        make_example(role_runs(a.tokens[trace_part], a.roles[trace_part]), example_id=a.id, phase="A",
-                     loss_on_trace=True, trace=a.trace, cot_tokens=a.cot_tokens, cot_tokens_total=a.cot_tokens_total),
-        make_example(role_runs(a.tokens[answer_part], a.roles[answer_part]), example_id=a.id, phase="A",
-                     loss_on_trace=False, trace=a.trace),
-    ]
-
-
-def build_phase_examples(builder, examples, phase: str, traces: Mapping[str, Sequence[int]], variants,
-                         candidates_path: Path | None = None) -> list[SequenceExample]:
-    """The training examples of one phase ("A" or "B") under the configured variants. The paper's
-    path is `builder.build_all` unchanged. With `weight_by_score` and a candidates file (written by
-    best-of-k selection), every candidate trace is trained, its loss mask scaled by its weight."""
-    two_pass = phase == "A" and variants.bottleneck == "two_pass"
-    weighted = variants.weight_by_score and candidates_path is not None and Path(candidates_path).exists()
-    if not (two_pass or weighted):
-        return builder.build_all(examples, phase, traces)
-    options = (weighted_candidates(json.loads(Path(candidates_path).read_text())) if weighted
-               else {e.id: [(traces.get(e.id), 1.0)] for e in examples})
-    out = []
-    for example in examples:
-        for trace, weight in options.get(example.id, ()):
-            built = (two_pass_examples(builder, example, trace) if two_pass
-                     else builder.build_all([example], phase, {example.id: trace}))
-            for ex in built:
-                ex.loss_mask *= np.float32(weight)
-            out.extend(built)
-    return out
-
-
 # ---- 2. best-of-k trace selection ---------------------------------------------------------------
 
 def candidate_requests(requests: Sequence[SamplingRequest], k: int) -> list[SamplingRequest]:
@@ -177,14 +126,17 @@ class Selection:
     best: dict[str, list[int]]  # example id -> the chosen trace
     candidates: dict[str, dict]  # example id -> {"traces": [...], "scores": [...]}
     cost: dict
+    errors: list[str]  # the engine's error for each sample that failed
 
 
-def select_traces(engine, model, builder, examples, requests: Sequence[SamplingRequest], k: int, *,
+def select_traces(engine, load_scorer, builder, examples, requests: Sequence[SamplingRequest], k: int, *,
                   rows: int, chunk: int = 1024, trace_prior_weight: float = 0.0) -> Selection:
     """Best of k: sample k constrained traces per request (one `run_requests` call), score each by
-    the gold answer's log-likelihood given [x; z] under `model`, plus `trace_prior_weight` times
-    the trace's own log-likelihood given x alone (a trace Phase B can learn to produce from the
-    prompt, not a lucky key the answer model memorised), keep the best (first on ties).
+    the gold answer's log-likelihood given [x; z] under the model `load_scorer()` returns (called
+    once the samples are in: an out-of-process engine has exited and left the accelerators), plus
+    `trace_prior_weight` times the trace's own log-likelihood given x alone (a trace Phase B can
+    learn to produce from the prompt, not a lucky key the answer model memorised), keep the best
+    (first on ties).
     `requests[i].id` is an example id of `examples`. Failed samples are dropped; an example
     without any good sample is left out (as the plain sampler does)."""
     by_id = {e.id: e for e in examples}
@@ -194,7 +146,7 @@ def select_traces(engine, model, builder, examples, requests: Sequence[SamplingR
         if result.finish_reason == "stop" and result.trace_ids:
             traces.setdefault(requests[index // k].id, []).append(list(result.trace_ids))
     pairs = [(by_id[i], t) for i, ts in traces.items() for t in ts]
-    answer, trace, cost = candidate_logliks(model, builder, pairs, rows=rows, chunk=chunk)
+    answer, trace, cost = candidate_logliks(load_scorer(), builder, pairs, rows=rows, chunk=chunk)
     # (w = 0 keeps the answer scores as they are: 0 * -inf would turn unscored candidates into nan)
     scores = answer + trace_prior_weight * trace if trace_prior_weight else answer
     candidates, best, start = {}, {}, 0
@@ -212,7 +164,7 @@ def select_traces(engine, model, builder, examples, requests: Sequence[SamplingR
             "tokens_generated": sum(len(r.token_ids) for r in results), **cost,
             "mean_best_score": float(np.mean(best_scores)) if best_scores else None,
             "mean_candidate_score": float(np.mean(scores[np.isfinite(scores)])) if np.isfinite(scores).any() else None}
-    return Selection(best, candidates, cost)
+    return Selection(best, candidates, cost, [r.error for r in results if r.finish_reason == "error"])
 
 
 def weighted_candidates(candidates: Mapping[str, dict]) -> dict[str, list[tuple[list[int], float]]]:

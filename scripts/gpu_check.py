@@ -174,17 +174,16 @@ def train_section(args, shapes: dict) -> list[dict]:
     from abscot_jax.data.synthetic_rows import PHASE_A_DOLCI, packed_rows
     from abscot_jax.hlo import collectives, summarize
     from abscot_jax.model.config import Qwen3Config
-    from abscot_jax.model.lora import LoRAConfig, apply_lora
+    from abscot_jax.model.lora import apply_lora
     from abscot_jax.model.qwen3 import Qwen3
     from abscot_jax.plan import memory_plan
-    from abscot_jax.sharding import MeshConfig, make_mesh
+    from abscot_jax.sharding import make_mesh
     from abscot_jax.train.flops import peak_tflops, throughput
     from abscot_jax.train.step import TrainStep
     from abscot_jax.vocab import NEW_TOKENS
 
     arch, t = shapes["arch"], shapes["seq"]
     devices = jax.device_count()
-    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     rng = np.random.default_rng(0)
     batches = [packed_rows(rng, devices, t, arch["vocab_size"], PHASE_A_DOLCI) for _ in range(args.steps + 1)]
     kind = jax.devices()[0].device_kind
@@ -204,11 +203,9 @@ def train_section(args, shapes: dict) -> list[dict]:
             lora = (0, ())
             if mode == "lora":
                 n = len(NEW_TOKENS)
-                apply_lora(model, LoRAConfig(rank=run.lora.rank, alpha=run.lora.alpha, dropout=run.lora.dropout,
-                                             targets=tuple(run.lora.targets)),
-                           new_token_start=arch["vocab_size"] - 267, num_new_tokens=n)
-                lora = (run.lora.rank, tuple(run.lora.targets))
-            trainer = TrainStep.create(model, run.optim, run.train, total_steps=args.steps + 1, mesh=mesh)
+                apply_lora(model, run.lora, new_token_start=arch["vocab_size"] - 267, num_new_tokens=n)
+                lora = (run.lora.rank, run.lora.targets)
+            trainer = TrainStep.create(model, run.optim, run.train, total_steps=args.steps + 1, mesh=make_mesh(run.mesh))
             t0 = time.perf_counter()
             compiled = trainer.compile(batches[0])
             record["compile_s"] = time.perf_counter() - t0

@@ -79,7 +79,7 @@ def main(argv=None) -> None:
             record = {"side": "hf", "mode": mode, "layout": layout, "device": device}
             try:
                 trainer = HFTrainer(base, mode, run.optim, run.lora.rank, run.lora.alpha, run.lora.dropout,
-                                    tuple(run.lora.targets), autocast_dtype=torch.bfloat16)
+                                    run.lora.targets, autocast_dtype=torch.bfloat16)
                 inputs = [hf_inputs(b) for b in batches]
                 if layout == "two_pass_causal":
                     for x in inputs:

@@ -1,4 +1,4 @@
-"""The variants of issue 7 on the toy task, round by round: `python scripts/toy_study.py`.
+"""The trace variants (docs/variants.md) on the toy task, round by round: `python scripts/toy_study.py`.
 
 One shared start under OUT/shared: the demo's tiny model and toy data (abscot_jax.demo), its
 verbal-CoT warm-up and the verbal-CoT and direct-answer baselines. Then every variant runs T
@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from abscot_jax import demo, report, rounds  # noqa: E402
 from abscot_jax.data.toy import partial_sums  # noqa: E402
-from abscot_jax.hostmem import keep_freed_memory  # noqa: E402
+from abscot_jax.stages.context import RunContext  # noqa: E402
 from abscot_jax.variants import mutual_information  # noqa: E402
 
 # name -> config overrides (`variants.k` comes from --k)
@@ -54,7 +55,7 @@ def is_setup_stage(key: str) -> bool:
     return key in ("prepare_base", "warmup") or key.startswith("baseline_")
 
 
-def share_start(shared: rounds.Run, run_dir: Path) -> None:
+def share_start(shared: rounds.Ledger, run_dir: Path) -> None:
     """Point a new run directory at the shared start (links, splits.json, setup stages done)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in SHARED_PATHS:
@@ -66,7 +67,7 @@ def share_start(shared: rounds.Run, run_dir: Path) -> None:
     state_path = run_dir / "state.json"
     if not state_path.exists():
         done = {k: v for k, v in shared.state["done"].items() if is_setup_stage(k)}
-        rounds.write_json_atomic(state_path, {"done": done})
+        rounds.write_json(state_path, {"done": done})
 
 
 def round_seconds(state: dict, t: int) -> dict:
@@ -107,7 +108,7 @@ def eval_traces(eval_dir: Path) -> dict[str, list[int]]:
     return {f"{r['id']}#{r['sample']}": r["trace_ids"] for r in records if r["trace_ids"]}
 
 
-def trace_sums_of_round(run: rounds.Run, t: int, eval_questions: dict[str, str]) -> dict:
+def trace_sums_of_round(run: RunContext, t: int, eval_questions: dict[str, str]) -> dict:
     rd = run.round_dir(t)
     train_questions = {e.id: e.prompt_messages[-1]["content"] for e in run.examples().values()}
     out = {}
@@ -134,12 +135,12 @@ def fmt_information(info: dict | None) -> str:
 def render(study: dict) -> str:
     ref = study["reference"]
     verbal_acc = report.as_number((ref["verbal"] or {}).get("accuracy"))
-    lines = ["# Toy study (issue 7)", "", study["settings_line"], "",
+    lines = ["# Toy study", "", study["settings_line"], "",
              "| Reference (shared start) | accuracy [95% CI] | Mean generated tokens |", "|---|---|---|"]
     for mode, label in report.BASELINES:
         s = ref[mode]
         lines.append(f"| {label} | {report.fmt_accuracy(s)} | {report.fmt_number((s or {}).get('mean_generated_tokens'))} |")
-    lines += ["", f"Chance: {CHANCE:.3f}. Prompt -> trace -> answer accuracy is the own-trace column.", "",
+    lines += ["", f"Chance: {report.fmt_percent(CHANCE)}. Prompt -> trace -> answer accuracy is the own-trace column.", "",
               "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
     for name, v in study["variants"].items():
         for t, r in v["rounds"].items():
@@ -212,7 +213,6 @@ def variant_config(out: Path, name: str, args):
 
 
 def main(argv=None) -> int:
-    keep_freed_memory()  # as the train command does (abscot_jax/hostmem.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toy_study", help="study directory (default runs/toy_study)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per variant (default 2)")
@@ -237,9 +237,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     demo.prepare_inputs(cfg, out / SHARED)
-    shared = rounds.Run(cfg)
-    shared.setup()
-    shared.split("warmup")  # writes splits.json (if the warm-up did not)
+    shared = rounds.Ledger(cfg)
+    for stage in rounds.setup_stages(cfg):
+        shared.run(stage)
+    RunContext(cfg).split("warmup")  # writes splits.json (if the warm-up did not)
     eval_questions = {}
     for line in Path(cfg.data.eval).read_text().splitlines():
         row = json.loads(line)
@@ -264,11 +265,12 @@ def main(argv=None) -> int:
         loaded = report.load_run(run.dir)
         study["variants"][name] = {"rounds": {
             t: {"eval": loaded["rounds"][t]["eval"], "seconds": round_seconds(run.state, t),
-                "information": trace_sums_of_round(run, t, eval_questions)}
+                "information": trace_sums_of_round(RunContext(vcfg), t, eval_questions)}
             for t in range(1, args.rounds + 1)}}
         _write(out, study)
     study["wall_seconds_this_invocation"] = time.perf_counter() - started
-    study["cpu_seconds_this_invocation"] = rounds.process_cpu_seconds()
+    study["cpu_seconds_this_invocation"] = sum(  # this process and its stage processes
+        u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
     _write(out, study)
     print((out / "study.md").read_text())
     return 0
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
 
 def _write(out: Path, study: dict) -> None:
     """study.json, study.md and study.png, each under a temporary name, then renamed."""
-    rounds.write_json_atomic(out / "study.json", study)
+    rounds.write_json(out / "study.json", study)
     tmp = out / ".study.md.tmp"
     tmp.write_text(render(study))
     os.replace(tmp, out / "study.md")

@@ -1,80 +1,28 @@
-"""Subprocess worker for the driver tests: the whole round driver on a tiny model and toy data.
-
-ABSCOT_KILL_IN names a place where the process SIGKILLs itself once, mid-stage:
-  phase_a_step   after the second optimizer step of round 1's Phase A
-  phase_b_step   after the second optimizer step of round 1's Phase B
-  export         while writing the safetensors of the first HF export after the warm-up/base
-  traces_a_r2    inside round 2's trace sampling (Phase A traces from round 1's model)
-  eval           inside the last evaluation, before its files are written
-A marker file makes each fault fire only in the first process that reaches it."""
-import os
-import signal
+"""Subprocess worker for the driver tests: the whole round driver on a tiny model and toy data,
+its stage processes started through tests/stage_worker.py (faults: see there). The driver checks,
+each time it starts a stage process and at the end, that it has started no JAX backend itself."""
 import sys
 from pathlib import Path
 
 
-def kill_once(marker: Path):
-    if not marker.exists():
-        marker.write_text("killed")
-        os.kill(os.getpid(), signal.SIGKILL)
+def assert_no_jax_backend(when: str) -> None:
+    from jax._src import xla_bridge
+
+    assert not xla_bridge.backends_are_initialized(), f"the driver process started a JAX backend ({when})"
 
 
 def main(run_root: str, data_dir: str, rounds: int):
     from abscot_jax import rounds as driver
     from abscot_jax.config import load_config
 
-    fault = os.environ.get("ABSCOT_KILL_IN", "")
-    marker = Path(run_root) / f"killed_{fault}"
-    if fault in ("phase_a_step", "phase_b_step"):
-        from abscot_jax.train import step
+    launch = driver.launch
 
-        call, train_phase = step.TrainStep.__call__, driver.Run.train_and_export_phase
-        current_phase = []
+    def checked_launch(cmd, env):
+        assert_no_jax_backend(f"starting {cmd[-1]}")
+        return launch(cmd, env)
 
-        def tracking_phase(self, t, phase):
-            current_phase[:] = [phase]
-            return train_phase(self, t, phase)
-
-        def killing_call(self, batch):
-            out = call(self, batch)
-            if current_phase == [fault[6]] and self.step == 2:
-                kill_once(marker)
-            return out
-
-        driver.Run.train_and_export_phase = tracking_phase
-        step.TrainStep.__call__ = killing_call
-    elif fault == "export":
-        from abscot_jax.checkpoint import hf
-
-        write = hf.write_safetensors
-
-        def killing_write(path, *args, **kwargs):
-            write(path, *args, **kwargs)
-            if "round_1" in str(path):
-                kill_once(marker)
-
-        hf.write_safetensors = killing_write
-    elif fault == "traces_a_r2":
-        run_round = driver.Run._traces_a
-
-        def killing_traces(self, t):
-            if t == 2:
-                kill_once(marker)
-            return run_round(self, t)
-
-        driver.Run._traces_a = killing_traces
-    elif fault == "eval":
-        from abscot_jax.eval import evaluate
-
-        write_results = evaluate.write_results
-
-        def killing_write_results(out_dir, *args, **kwargs):
-            if "round_2" in str(out_dir):
-                kill_once(marker)
-            return write_results(out_dir, *args, **kwargs)
-
-        evaluate.write_results = killing_write_results
-
+    driver.launch = checked_launch
+    driver.STAGE_COMMAND = [sys.executable, str(Path(__file__).with_name("stage_worker.py"))]
     data = Path(data_dir)
     cfg = load_config(None, [
         f"run_dir={run_root}", "name=tiny", f"rounds={rounds}", f"model.hf_dir={data / 'model'}",
@@ -83,7 +31,12 @@ def main(run_root: str, data_dir: str, rounds: int):
         "train.batch_size=4", "train.epochs=2", "train.checkpoint_every=1", "optim.learning_rate=1e-2", "eval.limit=3",
         "eval.m_min=2", "eval.max_new_tokens=10", "sampler.max_batch=16",
     ])
-    driver.run(cfg, list(range(1, rounds + 1)))
+    try:
+        driver.run(cfg, list(range(1, rounds + 1)))
+    except driver.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    assert_no_jax_backend("after the run")
 
 
 if __name__ == "__main__":

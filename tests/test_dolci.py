@@ -23,7 +23,7 @@ EXPECTED_SKIPS = {
     "reserved_token_in_text": 1,  # <|im_end|> inside the answer
     "duplicate_id": 1,  # a second "k01"
 }
-EXPECTED_IDS = ["k01", "k02", "k03", "k04", "k05", "k06", "k07", "row7", "k09", "k10", "k11", "k12", "k13", "k14"]
+EXPECTED_IDS = ["k01", "k02", "k03", "k04", "k05", "k06", "k07", "row8", "k09", "k10", "k11", "k12", "k13", "k14"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_fixture_examples(loaded):
     assert (ex["k05"].cot, ex["k05"].answer) == ("x = 3 so x^2 = 9.", "9")
     assert ex["k06"].prompt_messages[1] == {"role": "assistant", "content": "Hello! How can I help?"}
     assert ex["k07"].cot == "First 1 + 2 = 3.\n\n\n\tThen 3 + 3 = 6.\n\n\tThen 6 + 4 = 10."
-    assert ex["row7"].cot == "10 / 2 = 5"  # no id: named by its row index
+    assert ex["row8"].cot == "10 / 2 = 5"  # no id: named by its position, counting from 1
     assert ex["k09"].answer == "$\\boxed{\\frac{5}{6}}$"
     assert ex["k11"].source == ""  # null dataset_source
     assert ex["k12"].answer.startswith("```python\ndef double(x):\n    return 2 * x")
@@ -113,6 +113,25 @@ def test_parse_row_reasons():
     assert (ok.id, ok.cot, ok.answer, ok.prompt_messages) == ("7", "c", "a", (user,))
 
 
+def test_every_qwen3_added_token_in_text_skips_the_row(qwen3_tokenizer_dir):
+    """Each string Qwen3's tokenizer turns into one added token (ids from 151643) is reserved in any
+    message; the think tags only outside assistant turns, where they are the row's format."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir))
+    added = sorted(t for t, i in tokenizer.get_added_vocab().items() if i >= 151643)
+    assert len(added) == 26
+    user = {"role": "user", "content": "q"}
+    for token in added:
+        assert tokenizer.convert_tokens_to_ids(token) in tokenizer.encode(f"see {token} here")
+        row = {"messages": [{"role": "user", "content": f"see {token} here"},
+                            {"role": "assistant", "content": "<think>c</think>a"}]}
+        assert parse_row(row) == "reserved_token_in_text", token
+        answer = {"role": "assistant", "content": f"<think>c</think>the answer {token}"}
+        assert parse_row({"messages": [user, answer]}) == (
+            "malformed_think_tags" if token in ("<think>", "</think>") else "reserved_token_in_text"), token
+
+
 def test_parquet_goes_through_the_same_path(loaded, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -139,4 +158,10 @@ def test_missing_file_is_one_clear_line(tmp_path):
     # A hub id goes to datasets.load_dataset; offline (as in every test) it fails in one line.
     with pytest.raises(DataError, match="cannot load 'nobody/no-such-dataset'") as info:
         load_dolci("nobody/no-such-dataset")
+    assert "\n" not in str(info.value)
+    # A line that is not JSON: the message names its row, counting from 1 (the third line here).
+    good = FIXTURE.read_text().splitlines()[0]
+    (tmp_path / "broken.jsonl").write_text(f"{good}\n{good}\n{{not json\n")
+    with pytest.raises(DataError, match=r"in row 3\)$") as info:
+        load_dolci(tmp_path / "broken.jsonl")
     assert "\n" not in str(info.value)

@@ -285,3 +285,19 @@ def test_make_result_splits_trace_and_answer():
     assert (cut.trace_ids, cut.answer_ids, cut.finish_reason) == ([10, 11], [], "length")
     verbal = make_result(SamplingRequest(id="v", prompt_ids=[1]), [5, 6, EOS], "stop", None, 76, 77, EOS)
     assert verbal.answer_ids == [5, 6] and verbal.token_ids == [5, 6, EOS]
+
+
+def test_an_out_of_process_engine_refuses_to_start_while_jax_holds_an_accelerator(monkeypatch, tmp_path):
+    """XLA keeps most of each device's memory until its process ends: a vLLM started beside it
+    could not get the GPUs, so the engine stops before starting its process."""
+    from jax._src import xla_bridge
+
+    from abscot_jax.sampling.engines import SubprocessEngine
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    monkeypatch.setattr(xla_bridge, "backends", lambda: {"cpu": None, "cuda": None})
+    engine = SubprocessEngine("vllm", tmp_path, python=str(tmp_path / "never_started"))
+    with pytest.raises(RuntimeError, match="this process holds JAX cuda devices"):
+        engine.run_requests([])
+    monkeypatch.setattr(xla_bridge, "backends", lambda: {"cpu": None})
+    assert engine.run_requests([]) == []  # the CPU backend holds no accelerator

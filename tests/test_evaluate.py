@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from transformers import AutoTokenizer
 
 from abscot_jax.data.math500 import load_math500
@@ -342,6 +343,63 @@ def test_cli_user_errors(tiny_hf_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_existing_out(tmp_path, capsys):
+    """Results already in --out: one error line, exit 2, and the directory as it was (the model,
+    which does not exist here, is never read)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("earlier\n")
+    assert main(["--model", str(tmp_path / "nope"), "--data", str(FIXTURE), "--mode", "verbal", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == [
+        f"error: --out {out} already holds summary.json; pass --overwrite to replace them, or another --out"]
+    assert [p.name for p in out.iterdir()] == ["summary.json"] and (out / "summary.json").read_text() == "earlier\n"
+
+
+def test_cli_run_evaluates_as_the_run_does(model_dir, tmp_path, capsys):
+    """`--run DIR` takes DIR/config.yaml's evaluation settings (none of them the command's defaults):
+    the same records and summary as the run's own evaluation stage of that model."""
+    from abscot_jax.config import load_config, to_dict
+    from abscot_jax.stages import evaluation
+    from abscot_jax.stages.context import RunContext
+
+    cfg = load_config(None, ["name=tiny", f"run_dir={tmp_path}", f"data.eval={FIXTURE}", "eval.limit=3",
+                             "eval.samples=2", "eval.m_min=2", "data.m_max=6", "eval.max_new_tokens=12",
+                             "eval.trace_temperature=1.3", "train.seed=7", "sampler.max_batch=8"])
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    stage_out = run_dir / "round_1" / "eval"
+    evaluation.evaluate(RunContext(cfg), model_dir, "abstract", stage_out)  # the run's own evaluation
+    stage_results, stage_summary = read_outputs(stage_out)
+    assert stage_summary["settings"]["m_max"] == 6 and stage_summary["n_samples"] == 6
+
+    args = ["--run", str(run_dir), "--model", str(model_dir), "--mode", "abstract", "--out", str(stage_out)]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # the stage's results are there
+    assert main([*args, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (
+        f"settings ({run_dir / 'config.yaml'}, unless given): data {FIXTURE}, limit 3, samples 2, seed 7, "
+        "max_new_tokens 12, m_min 2, m_max 6, trace_temperature 1.3, engine jax, max_batch 8")
+    results, summary = read_outputs(stage_out)
+    assert results == stage_results
+    assert summary.pop("model") == str(model_dir) and summary.pop("run") == str(run_dir)
+    assert summary == stage_summary
+
+
+def test_help_shows_the_defaults_a_run_would_use(capsys):
+    """--help states each setting's default: the run config's (abscot_jax/config.py)."""
+    from abscot_jax.config import RunConfig
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    e = RunConfig().eval
+    assert f"(trace and answer together) (default: {e.max_new_tokens})" in text
+    assert f"shortest trace (abstract mode) (default: {e.m_min})" in text
+    assert "verbal: the model writes freely" in text  # --mode says what each mode is
 
 
 def test_module_entry_point(tmp_path):

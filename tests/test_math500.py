@@ -146,8 +146,8 @@ def test_missing_ids_get_row_ids(tmp_path, cache_dir):
     rows = [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}]
     problems, _ = load_math500(str(write_jsonl(tmp_path / "noid.jsonl", rows)), cache_dir=cache_dir)
     assert [(p.unique_id, p.solution, p.subject, p.level) for p in problems] == [
-        ("row-0", "", "", None),
         ("row-1", "", "", None),
+        ("row-2", "", "", None),
     ]
 
 
@@ -189,6 +189,7 @@ def test_unsupported_and_unreadable_files(tmp_path, cache_dir):
     with pytest.raises(ValueError) as info:
         load_math500(str(broken), cache_dir=cache_dir)
     assert str(broken) in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).endswith("in row 2)")  # the second line, counting from 1
 
 
 def test_unknown_hub_id_offline_gives_one_clear_line(cache_dir):

@@ -1,6 +1,10 @@
 """The memory plan against XLA's own accounting of the compiled train step, and its command line."""
+import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +13,10 @@ from flax import nnx
 
 from abscot_jax.config import load_config
 from abscot_jax.model.config import REMAT_POLICIES, Qwen3Config
-from abscot_jax.model.lora import LoRAConfig, apply_lora
+from abscot_jax.model.lora import apply_lora
 from abscot_jax.model.qwen3 import Qwen3
-from abscot_jax.plan import PRESETS, main, memory_plan
-from abscot_jax.sharding import MeshConfig, make_mesh
+from abscot_jax.plan import GiB, PRESETS, main, memory_plan
+from abscot_jax.sharding import make_mesh
 from abscot_jax.train.step import BATCH_KEYS, TrainStep
 from abscot_jax.vocab import NEW_TOKENS
 
@@ -30,10 +34,9 @@ def compiled_peak_bytes(model_cfg: Qwen3Config, run) -> int:
     model = Qwen3(model_cfg.replace(remat=run.model.remat, attention_impl=run.model.attention_impl), rngs=nnx.Rngs(0))
     if run.train.mode == "lora":
         n = len(NEW_TOKENS)
-        apply_lora(model, LoRAConfig(rank=run.lora.rank, alpha=run.lora.alpha),
-                   new_token_start=model_cfg.vocab_size - n, num_new_tokens=n)
+        apply_lora(model, run.lora, new_token_start=model_cfg.vocab_size - n, num_new_tokens=n)
     trainer = TrainStep.create(model, run.optim, run.train, total_steps=10,
-                               mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
+                               mesh=make_mesh(run.mesh, jax.devices()[:1]))
     shape = (run.train.grad_accum, run.train.batch_size, run.train.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32) for k in BATCH_KEYS}
     # LLVM's optimisation level changes the machine code, not XLA's buffer assignment; level 0
@@ -59,8 +62,8 @@ def test_plan_parameters_match_the_sharded_state():
     devices = jax.devices()[:8]
     run = load_config(None, [*SMALL_RUN, "train.mode=lora", "mesh.fsdp=2", "mesh.tensor=4"])
     model = Qwen3(SMALL, rngs=nnx.Rngs(0))
-    apply_lora(model, LoRAConfig(rank=8, alpha=16), new_token_start=4096 - 66, num_new_tokens=66)
-    trainer = TrainStep.create(model, run.optim, run.train, 10, make_mesh(MeshConfig(fsdp=2, tensor=4), devices))
+    apply_lora(model, run.lora, new_token_start=4096 - 66, num_new_tokens=66)
+    trainer = TrainStep.create(model, run.optim, run.train, 10, make_mesh(run.mesh, devices))
     on_device0 = sum(shard.data.nbytes for leaf in jax.tree.leaves(trainer.state) if leaf.ndim > 0
                      for shard in leaf.addressable_shards if shard.device == devices[0])
     plan = memory_plan(SMALL, run, num_devices=8)
@@ -87,7 +90,7 @@ def test_qwen3_4b_parameter_bytes():
 
 def test_cli_qwen3_4b_full_prints_a_table_and_a_verdict(capsys):
     code = main(["--hf-config", "qwen3-4b", "--set", "train.mode=full", "--set", "train.seq_len=8192",
-                 "--devices", "2", "--device-memory-gb", "80"])
+                 "--devices", "2", "--device-memory", "80GB"])
     out = capsys.readouterr().out
     assert code == 0
     for row in ("parameters: trainable", "gradients", "optimizer state", "activations", "total"):
@@ -111,6 +114,13 @@ def test_cli_user_errors_give_one_line(tmp_path, capsys):
         ("--config", str(tmp_path / "missing.yaml"), "--hf-config", "qwen3-4b"): "missing.yaml",
         ("--hf-config", "qwen3-4b", "--set", "mesh.tensor=3", "--devices", "2"): "mesh",
     }
+    cases.update({
+        # The shipped config's placeholder model.hf_dir: the line says what to pass instead.
+        ("--config", str(REPO / "configs/qwen3_4b_full.yaml")): "--hf-config qwen3-4b",
+        ("--config", str(REPO / "configs/qwen3_4b_full.yaml"), "--hf-config", "qwen3-4b", "--devices", "4"):
+            "mesh.fsdp=-1",
+        ("--hf-config", "qwen3-4b", "--device-memory", "lots"): "h100",
+    })
     for args, named in cases.items():
         assert main(list(args)) == 2
         captured = capsys.readouterr()
@@ -122,4 +132,63 @@ def test_cli_user_errors_give_one_line(tmp_path, capsys):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown config key 'train.seq_lenn'; did you mean 'seq_len'?"]
+        "error: unknown config key 'train.seq_lenn'; did you mean 'train.seq_len'?"]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def verdict_budget_gib(out: str) -> float:
+    """The per-device budget the verdict line states ("fits: X of B GiB per device ...")."""
+    return float(re.search(r"^(?:fits|does not fit): [\d.]+ of ([\d.]+) GiB per device", out, re.M).group(1))
+
+
+def test_cli_sizes_devices_this_machine_does_not_have():
+    """`--devices 2 --device-memory 80GB` in a process that sees one device: the plan of the real
+    config for a 2-device mesh, judged against 80 GiB per device."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, not the tests' 8
+    proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"],
+                          capture_output=True, text=True, env=env, check=True)
+    assert proc.stdout.strip() == "1"
+    args = ["--config", "configs/qwen3_4b_full.yaml", "--hf-config", "qwen3-4b", "--devices", "2",
+            "--device-memory", "80GB"]
+    proc = subprocess.run([sys.executable, "-m", "abscot_jax.plan", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    run = load_config(str(REPO / "configs/qwen3_4b_full.yaml"), [])
+    plan = memory_plan(Qwen3Config.from_hf_dict(PRESETS["qwen3-4b"]), run, num_devices=2)
+    assert "mesh: data 1 x fsdp 2 x tensor 1 = 2 devices" in proc.stdout
+    total_line = next(line for line in proc.stdout.splitlines() if line.startswith("total"))
+    assert float(total_line.split()[-1]) == round(plan.total / GiB, 2)
+    assert verdict_budget_gib(proc.stdout) == round(run.train.device_memory_fraction * 80, 1)
+
+
+def test_cli_device_memory_by_kind_or_size(capsys):
+    base = ["--hf-config", "qwen3-4b", "--devices", "2"]
+    for memory, gib in [("h200", 143771 / 1024), ("a100-80gb", 80), ("141GiB", 141), ("40", 40)]:
+        assert main([*base, "--device-memory", memory]) == 0
+        assert verdict_budget_gib(capsys.readouterr().out) == round(0.92 * gib, 1)  # the default fraction
+
+
+def test_cli_devices_default_to_the_configs_mesh(capsys):
+    """Without --devices the plan sizes the mesh the config names (2 for the Qwen3-4B configs)."""
+    assert main(["--config", str(REPO / "configs/qwen3_4b_full.yaml"), "--hf-config", "qwen3-4b"]) == 0
+    assert "= 2 devices" in capsys.readouterr().out
+
+
+def test_readme_plan_commands_run_as_written(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    commands = [line.split("#")[0] for line in (REPO / "README.md").read_text().splitlines()
+                if line.startswith("python -m abscot_jax.plan")]
+    assert commands
+    for command in commands:
+        assert main(shlex.split(command)[3:]) == 0, capsys.readouterr().err
+        assert re.search(r"^fits: ", capsys.readouterr().out, re.M), command
+
+
+def test_help_shows_defaults_and_says_what_each_option_is(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: h100)" in text and "need not exist here" in text and "override a config value" in text

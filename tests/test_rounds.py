@@ -41,7 +41,13 @@ def outcome(run_root):
     return state["done"], summaries, (run / "report.md").read_text()
 
 
+FAULT_POINTS = ("phase_a_step", "export", "phase_b_step", "traces_a_r2", "eval")
+
+
 def test_driver_runs_every_stage_and_resumes_after_kills(tmp_path, tiny_data):
+    """Every stage runs in its own process and the driver starts no JAX backend (driver_worker
+    asserts it). SIGKILL of a stage process, then of the driver, at each fault point: each stops
+    the run (the killed stage not marked done), and one rerun gives the uninterrupted run's records."""
     reference = run_driver(tmp_path / "reference", tiny_data)
     assert reference.returncode == 0, reference.stderr[-3000:]
     done, summaries, report = outcome(tmp_path / "reference")
@@ -54,9 +60,14 @@ def test_driver_runs_every_stage_and_resumes_after_kills(tmp_path, tiny_data):
     assert "Round 2" in report
 
     killed = tmp_path / "killed"
-    for fault in ("phase_a_step", "export", "phase_b_step", "traces_a_r2", "eval"):
-        result = run_driver(killed, tiny_data, fault=fault)
-        assert result.returncode == -9, (fault, result.stderr[-3000:])
+    for fault in FAULT_POINTS:
+        stage_killed = run_driver(killed, tiny_data, fault=f"stage:{fault}")
+        last = stage_killed.stderr.strip().splitlines()[-1]
+        assert stage_killed.returncode == 2 and "was killed by signal 9" in last, (fault, stage_killed.stderr[-3000:])
+        key = last.split("error: stage ")[1].split()[0]
+        assert key not in json.loads((killed / "tiny" / "state.json").read_text())["done"]
+        driver_killed = run_driver(killed, tiny_data, fault=f"driver:{fault}")
+        assert driver_killed.returncode == -9, (fault, driver_killed.stderr[-3000:])
     final = run_driver(killed, tiny_data)
     assert final.returncode == 0, final.stderr[-3000:]
     k_done, k_summaries, k_report = outcome(killed)
@@ -66,3 +77,22 @@ def test_driver_runs_every_stage_and_resumes_after_kills(tmp_path, tiny_data):
         for key in ("final_loss", "traces", "accuracy"):
             if key in done[stage]:
                 assert k_done[stage][key] == done[stage][key], (stage, key)
+
+
+def test_ctrl_c_in_a_training_phase_stops_with_one_line_and_the_rerun_resumes(tmp_path, tiny_data):
+    """SIGINT to the driver mid-Phase A: it passes the signal to the stage process, which stops;
+    exit 130 and one line naming the stage, its latest checkpoint and the command that resumes."""
+    interrupted = run_driver(tmp_path, tiny_data, rounds=1, fault="interrupt:phase_a_step")
+    lines = interrupted.stderr.strip().splitlines()
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert lines[-1].startswith("interrupted: stage round_1/phase_a"), lines[-1]
+    checkpoints = tmp_path / "tiny" / "round_1" / "phase_a" / "checkpoints"
+    latest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert f"latest checkpoint: {checkpoints / str(latest)}" in lines[-1] and str(WORKER) in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    state = json.loads((tmp_path / "tiny" / "state.json").read_text())
+    assert "round_1/phase_a" not in state["done"]
+    resumed = run_driver(tmp_path, tiny_data, rounds=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = json.loads((tmp_path / "tiny" / "state.json").read_text())["done"]
+    assert done["round_1/phase_a"]["resumed_from"] == latest

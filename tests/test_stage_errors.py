@@ -42,10 +42,10 @@ def fake_python(path: Path, body: str) -> str:
     return str(path)
 
 
-def train(root: Path, *overrides):
+def train(root: Path, *overrides, extra=()):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     return subprocess.run([sys.executable, "-m", "abscot_jax.train", "--config", str(root / "tiny.yaml"), "--round", "1",
-                           *[arg for o in overrides for arg in ("--set", o)]],
+                           *[arg for o in overrides for arg in ("--set", o)], *extra],
                           env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -81,20 +81,28 @@ def test_engine_that_cannot_start_or_crashes_stops_the_run_until_fixed(tiny, tmp
 
 
 def test_error_fraction_above_the_limit_fails_at_or_below_passes(tiny):
-    from abscot_jax import rounds
+    from abscot_jax.rounds import RunError
+    from abscot_jax.stages.context import RunContext
 
     cfg = load_config(tiny / "tiny.yaml", [f"run_dir={tiny / 'fraction'}", "eval.max_error_fraction=0.25"])
-    run = rounds.Run(cfg)
+    run = RunContext(cfg)
     run.check_engine_errors("evaluation", ["boom"], 4)  # 1 of 4 = 0.25: allowed
-    with pytest.raises(rounds.RunError, match=r"evaluation: 2 of 4 requests failed in the jax engine \(boom\)"):
+    with pytest.raises(RunError, match=r"evaluation: 2 of 4 requests failed in the jax engine \(boom\)"):
         run.check_engine_errors("evaluation", ["boom", "boom"], 4)
-    assert "evaluation" not in run.state["done"]
 
 
 def test_bad_engine_settings_are_one_line_before_anything_runs(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"eval.max_error_fraction must be in \[0, 1\]"):
         load_config(tiny / "tiny.yaml", ["eval.max_error_fraction=1.5"])
-    missing = train(tiny, "sampler.engine=vllm", "sampler.python=/no/such/python", f"run_dir={tmp_path}")
-    lines = missing.stderr.strip().splitlines()
-    assert missing.returncode == 2 and len(lines) == 1, missing.stderr
-    assert "sampler.python='/no/such/python' does not exist" in lines[0] and not any(tmp_path.iterdir())
+    for overrides, message in (
+            (["sampler.engine=vllm", "sampler.python=/no/such/python"], "sampler.python='/no/such/python' does not exist"),
+            (["sampler.gpu_memory_utilization=1.5"], "sampler.gpu_memory_utilization must be in (0, 1]"),
+            (["variants.bottleneck=three_pass"], "variants.bottleneck must be one of paper, two_pass"),
+            (["variants.round1_traces=sampled"], "variants.round1_traces must be one of random, cot_codes"),
+            (["--stage", "phase_c"], "unknown stage(s) ['phase_c']; stages: traces_a, phase_a")):
+        stage = overrides if overrides[0] == "--stage" else []
+        settings = [] if stage else overrides
+        refused = train(tiny, f"run_dir={tmp_path}", *settings, extra=stage)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and message in lines[0], (overrides, refused.stderr)
+        assert not any(tmp_path.iterdir())  # refused before anything ran

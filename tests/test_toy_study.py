@@ -64,7 +64,7 @@ def test_toy_study_tables_match_the_runs(tmp_path):
         return json.loads(Path(path).read_text())
 
     reference = {row[0]: row for row in table(markdown, "| Reference")}
-    for label, mode in (("Baseline (verbal CoT)", "verbal"), ("Direct answer", "direct")):
+    for label, mode in (("Baseline (verbal CoT)", "verbal"), ("Direct answer (CoT closed empty)", "direct")):
         s = read(out / "shared" / "baseline" / mode / "summary.json")
         assert reference[label][1].startswith(f"{100 * s['accuracy']:.1f}%")
         assert reference[label][2] == f"{s['mean_generated_tokens']:.1f}"
@@ -77,9 +77,10 @@ def test_toy_study_tables_match_the_runs(tmp_path):
         d = s["diagnostics"]
         state = json.loads((out / row[0] / "state.json").read_text())
         seconds = [v for k, v in state["seconds"].items() if k.startswith("round_1/")]
-        assert row[2] == f"{s['accuracy']:.3f} [{s['accuracy_ci'][0]:.3f}, {s['accuracy_ci'][1]:.3f}]"
-        assert row[3] == f"{d['random_accuracy']:.3f}"
-        assert row[4] == f"{d['shuffled_accuracy']:.3f}"
+        percent = [f"{100 * x:.1f}%" for x in (s["accuracy"], *s["accuracy_ci"])]
+        assert row[2] == f"{percent[0]} [{percent[1]}, {percent[2]}]"
+        assert row[3] == f"{100 * d['random_accuracy']:.1f}%"
+        assert row[4] == f"{100 * d['shuffled_accuracy']:.1f}%"
         assert row[5] == f"{d['entropy_nats']:.2f} of {math.log(64):.2f}"
         assert row[6] == f"{d['distinct_traces']} of {d['n_traces']}"
         assert row[7].startswith(f"{s['mean_trace_tokens']:.1f} ")

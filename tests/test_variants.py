@@ -16,6 +16,7 @@ from abscot_jax.model.attention import Role
 from abscot_jax.sampling.engines import JaxEngine
 from abscot_jax.sampling.protocol import SamplingRequest
 from abscot_jax import variants as V
+from abscot_jax.layouts import build_phase_examples, two_pass
 
 
 def toy_examples(n, seed=0, min_digits=4, max_digits=6):
@@ -66,7 +67,7 @@ def test_two_pass_answer_pass_never_sees_the_cot(tok, model):
     builder = SequenceBuilder(tok, BuildConfig(seq_len=128, m_max=8))
     example = toy_examples(1)[0]
     trace = list(builder.vocab.abstract_ids[5:10])
-    trace_pass, answer_pass = V.two_pass_examples(builder, example, trace)
+    trace_pass, answer_pass = two_pass.phase_a(builder, example, trace)
     phase_a = builder.phase_a(example, trace)
 
     # Layout: the trace pass is Phase A without y, loss on z; the answer pass is the Phase B
@@ -101,13 +102,13 @@ def test_build_phase_examples_dispatch(tok):
     builder = SequenceBuilder(tok, BuildConfig(seq_len=128, m_max=8))
     examples = toy_examples(3)
     traces = {e.id: list(builder.vocab.abstract_ids[i:i + 3]) for i, e in enumerate(examples)}
-    paper = V.build_phase_examples(builder, examples, "A", traces, VariantsSection())
+    paper = build_phase_examples(builder, examples, "A", traces, VariantsSection())
     plain = builder.build_all(examples, "A", traces)
     assert [e.tokens.tolist() for e in paper] == [e.tokens.tolist() for e in plain]
-    two = V.build_phase_examples(builder, examples, "A", traces, VariantsSection(bottleneck="two_pass"))
+    two = build_phase_examples(builder, examples, "A", traces, VariantsSection(bottleneck="two_pass"))
     assert len(two) == 6 and [Role.COT in e.roles for e in two] == [True, False] * 3
     # Phase B is never split.
-    assert len(V.build_phase_examples(builder, examples, "B", traces, VariantsSection(bottleneck="two_pass"))) == 3
+    assert len(build_phase_examples(builder, examples, "B", traces, VariantsSection(bottleneck="two_pass"))) == 3
 
 
 def test_weighted_candidates_scale_the_loss_mask(tok, tmp_path):
@@ -117,7 +118,7 @@ def test_weighted_candidates_scale_the_loss_mask(tok, tmp_path):
     scores = [-3.0, -1.0, -2.0]
     path = tmp_path / "cands.json"
     path.write_text(json.dumps({example.id: {"traces": [[ids[0]], [ids[1]], [ids[2]]], "scores": scores}}))
-    built = V.build_phase_examples(builder, [example], "B", {}, VariantsSection(trace_selection="best_of_k",
+    built = build_phase_examples(builder, [example], "B", {}, VariantsSection(trace_selection="best_of_k",
                                                                               weight_by_score=True), path)
     expected = np.exp(scores) / np.exp(scores).sum()
     unweighted = builder.phase_b(example, [ids[0]]).loss_mask
@@ -156,7 +157,7 @@ def test_best_of_k_keeps_the_argmax_of_independent_scores(tok, model, prior):
                                 temperature=1.0, m_min=1, m_max=6, max_new_tokens=8, seed=i)
                 for i, e in enumerate(examples)]
     k = 4
-    selection = V.select_traces(engine, model, builder, examples, requests, k, rows=2, trace_prior_weight=prior)
+    selection = V.select_traces(engine, lambda: model, builder, examples, requests, k, rows=2, trace_prior_weight=prior)
     assert selection.cost["samples"] == len(examples) * k
     assert selection.cost["scoring_tokens"] > 0 and selection.cost["tokens_generated"] > 0
     assert set(selection.best) == {e.id for e in examples}
@@ -276,13 +277,13 @@ def test_variants_config_keys_load_and_typos_are_named():
     assert cfg.variants == VariantsSection("two_pass", "best_of_k", 4, True, True, "cot_codes", 3, 2, 0.5)
     assert load_config(None, []).variants == VariantsSection()  # the paper's method by default
     for overrides, message in [
-        (["variants.botleneck=two_pass"], "unknown config key 'variants.botleneck'; did you mean 'bottleneck'?"),
-        (["variants.bottleneck=three_pass"], "variants.bottleneck must be 'paper' or 'two_pass'"),
+        (["variants.botleneck=two_pass"], "unknown config key 'variants.botleneck'; did you mean 'variants.bottleneck'?"),
+        (["variants.bottleneck=three_pass"], "variants.bottleneck must be one of paper, two_pass"),
         (["variants.weight_by_score=true"], "need variants.trace_selection=best_of_k"),
         (["variants.trace_prior_weight=1"], "need variants.trace_selection=best_of_k"),
         (["variants.trace_selection=best_of_k", "variants.trace_prior_weight=-1"],
          "variants.trace_prior_weight must be >= 0"),
-        (["variants.round1_traces=codes"], "variants.round1_traces must be 'random' or 'cot_codes'"),
+        (["variants.round1_traces=codes"], "variants.round1_traces must be one of random, cot_codes"),
         (["variants.codes_per_step=0"], "variants.codes_per_step must be in [1, data.m_max]"),
         (["variants.bottleneck=two_pass", "train.loss_on_trace=false"], "needs train.loss_on_trace=true"),
     ]:
@@ -295,25 +296,30 @@ def test_variants_config_keys_load_and_typos_are_named():
 
 def test_driver_wiring_cot_codes_and_best_of_k(tmp_path, tiny_hf_dir):
     from abscot_jax.data.toy import write_toy_data
-    from abscot_jax.rounds import Run
+    from abscot_jax.stages.base import prepare_base
+    from abscot_jax.stages.context import RunContext
+    from abscot_jax.stages.traces import phase_traces
+    from abscot_jax.trace_sources import trace_source
 
     train, _ = write_toy_data(tmp_path, train_size=12, eval_size=1, min_digits=3, max_digits=4)
     cfg = load_config(None, [
         f"run_dir={tmp_path}", "name=v", "rounds=2", f"model.hf_dir={tiny_hf_dir}", f"data.train={train}",
         "data.examples_per_phase=3", "data.m_max=6", "train.seq_len=128", "train.batch_size=2", "sampler.max_batch=8",
         "variants.round1_traces=cot_codes", "variants.trace_selection=best_of_k", "variants.k=2"])
-    run = Run(cfg)
-    run.stage("prepare_base", run.prepare_base)
-    result = run._traces_a(1)
+    assert [trace_source(cfg.variants, t, p) for t, p in ((1, "a"), (1, "b"), (2, "a"), (2, "b"))] == [
+        "cot_codes", "sampled", "best_of_k", "sampled"]
+    run = RunContext(cfg)
+    prepare_base(run)
+    result = phase_traces(run, 1, "a", "cot_codes")
     assert result["rule"] == "cot_codes" and result["layer"] == 1
     round_1 = run.round_dir(1)
     assert (round_1 / "codebook.npz").exists() and (round_1 / "codebook_stats.json").exists()
     traces = json.loads((round_1 / "traces_a.json").read_text())
     assert set(traces) == {e.id for e in run.split("round_1_a")}
     # best_of_k on Phase A traces (rounds >= 2 sample on (x, c)): k samples per example, costs recorded.
+    (round_1 / "model_b").symlink_to(run.dir / "base")  # round 1's final model: the base will do here
     examples = run.split("round_2_a")
-    run.round_dir(2).mkdir()
-    cost = run.sample_traces(run.dir / "base", examples, with_cot=True, out=run.round_dir(2) / "traces_a.json")
+    cost = phase_traces(run, 2, "a", "best_of_k")
     assert cost["selection"] == "best_of_2" and cost["samples"] == 2 * len(examples)
     assert cost["scoring_tokens"] > 0 and cost["tokens_generated"] > 0
     candidates = json.loads((run.round_dir(2) / "traces_a_candidates.json").read_text())

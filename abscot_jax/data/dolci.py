@@ -15,8 +15,10 @@ Choices (each bad row is skipped and counted under one reason, never raised):
   ambiguous, so such rows are skipped rather than guessed at.
 - CoT and answer are stripped of surrounding whitespace (and CRLF line ends become LF); the
   sequence builder puts the whitespace around them back in one canonical form.
-- Text containing a chat-control or abstract-vocabulary token (`<|im_end|>`, `<beginabstract>`,
-  ...) would be tokenised as that token and corrupt the layout: skipped.
+- Text containing one of Qwen3's added tokens (`<|im_end|>`, `<tool_call>`, `<|fim_pad|>`, ...) or
+  an abstract-vocabulary token (`<beginabstract>`, ...) would be tokenised as that token and
+  corrupt the layout: skipped. `<think>`/`</think>` are allowed only in assistant turns, where
+  they are the think block's own tags (checked by `split_think`).
 """
 from __future__ import annotations
 
@@ -26,14 +28,18 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from abscot_jax.qwen3_tokenizer import QWEN3_ADDED_TOKENS
 from abscot_jax.vocab import ABSTRACT_TOKENS, BEGIN_ABSTRACT, END_ABSTRACT
 
 HUB_ID = "allenai/Dolci-Think-SFT-7B"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 PROMPT_ROLES = ("system", "user", "assistant")
-# Strings the tokenizer turns into control tokens: in data text they would forge turns or traces.
-RESERVED_STRINGS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", BEGIN_ABSTRACT, END_ABSTRACT, *ABSTRACT_TOKENS)
+# Strings the tokenizer turns into control tokens: in data text they would forge turns, tool calls,
+# think blocks or traces.
+RESERVED_STRINGS = (*(text for text, _ in QWEN3_ADDED_TOKENS), BEGIN_ABSTRACT, END_ABSTRACT, *ABSTRACT_TOKENS)
 _RESERVED_RE = re.compile("|".join(re.escape(s) for s in RESERVED_STRINGS))
+_RESERVED_IN_ASSISTANT_RE = re.compile(
+    "|".join(re.escape(s) for s in RESERVED_STRINGS if s not in (THINK_OPEN, THINK_CLOSE)))
 _THINK_BLOCK_RE = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.DOTALL)
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -96,7 +102,8 @@ def parse_row(row: Mapping, *, multi_turn: bool = True, max_chars: int | None = 
         return "no_user_turn"
     if users > 1 and not multi_turn:
         return "multi_turn"
-    if any(_RESERVED_RE.search(m["content"]) for m in messages):
+    if any((_RESERVED_IN_ASSISTANT_RE if m["role"] == "assistant" else _RESERVED_RE).search(m["content"])
+           for m in messages):
         return "reserved_token_in_text"
     parts = split_think(messages[-1]["content"])
     if isinstance(parts, str):
@@ -117,8 +124,8 @@ def parse_rows(rows: Iterable[Mapping], *, multi_turn: bool = True, max_chars: i
                ) -> tuple[list[DolciExample], collections.Counter]:
     """Parse rows, skipping bad ones. Returns the examples and a Counter of skip reasons.
 
-    A row without an id gets `row<index>`; a repeated id is skipped (ids key the per-example trace
-    seed and the trace files of later rounds, so they must be unique)."""
+    A row without an id gets `row<N>`, N its position counting from 1; a repeated id is skipped
+    (ids key the per-example trace seed and the trace files of later rounds, so they must be unique)."""
     examples, skipped, seen = [], collections.Counter(), set()
     for index, row in enumerate(rows):
         result = parse_row(row, multi_turn=multi_turn, max_chars=max_chars)
@@ -126,7 +133,7 @@ def parse_rows(rows: Iterable[Mapping], *, multi_turn: bool = True, max_chars: i
             skipped[result] += 1
             continue
         if not result.id:
-            result = dataclasses.replace(result, id=f"row{index}")
+            result = dataclasses.replace(result, id=f"row{index + 1}")
         if result.id in seen:
             skipped["duplicate_id"] += 1
             continue
@@ -157,6 +164,9 @@ def load_rows(source: str | Path | list, *, split: str = "train", streaming: boo
         return datasets.load_dataset(files[0], data_files=files[1], split="train", streaming=streaming)
     except Exception as e:  # noqa: BLE001 - many failure types; the user needs one line
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if e.__cause__ is not None and str(e.__cause__).strip():  # pyarrow's reason, e.g. the bad row
+            first_line += f" ({str(e.__cause__).strip().splitlines()[0]})"
+        first_line = re.sub(r"\bin row (\d+)", lambda m: f"in row {int(m[1]) + 1}", first_line)  # pyarrow counts from 0
         raise DataError(f"cannot load {source!r}: {first_line}") from e
 
 

@@ -89,7 +89,7 @@ def _validate(row: dict, index: int) -> tuple[MathProblem | None, str | None]:
             return None, f"empty {name}"
     unique_id = row.get("unique_id")
     if not isinstance(unique_id, str) or not unique_id:
-        unique_id = f"row-{index}"  # local files may lack ids; results are keyed by them
+        unique_id = f"row-{index + 1}"  # local files may lack ids; results are keyed by them (rows count from 1)
     problem = MathProblem(
         problem=row["problem"],
         solution=_text(row.get("solution")),
@@ -131,6 +131,7 @@ def _load_rows(source: str, split: str, cache_dir: str | None):
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if e.__cause__ is not None and str(e.__cause__).strip():
             cause += f" ({str(e.__cause__).strip().splitlines()[0]})"
+        cause = re.sub(r"\bin row (\d+)", lambda m: f"in row {int(m[1]) + 1}", cause)  # pyarrow counts from 0
         raise ValueError(f"could not load MATH-500 from {where}: {type(e).__name__}: {cause}") from e
 
 

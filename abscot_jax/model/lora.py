@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from abscot_jax.model.config import ConfigError
 from abscot_jax.model.qwen3 import PROJECTIONS, Qwen3, projection_shapes
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -25,16 +26,22 @@ class LoRAConfig:
     alpha: float = 64.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    train_new_token_rows: bool = True
+    train_new_token_rows: bool = True  # the new (abstract) tokens' embedding and head rows train too, as deltas
+
+    def __post_init__(self):
+        unknown = set(self.targets) - set(PROJECTIONS)
+        if unknown:
+            raise ConfigError(f"lora.targets: unknown {sorted(unknown)}; valid: {list(PROJECTIONS)}")
+        if self.rank < 1:
+            raise ConfigError("lora.rank must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("lora.dropout must be in [0, 1)")
 
 
 def apply_lora(model: Qwen3, cfg: LoRAConfig, *, new_token_start: int | None = None, num_new_tokens: int = 0,
                seed: int = 0) -> Qwen3:
     """Add adapters in place: A ~ N(0, 1/in) (as PEFT's kaiming-uniform scale), B = 0, so the
     adapted model starts exactly at the base. New-token rows start at zero deltas."""
-    unknown = set(cfg.targets) - set(PROJECTIONS)
-    if unknown:
-        raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; valid: {list(PROJECTIONS)}")
     key = jax.random.key(seed)
     layers = model.config.num_hidden_layers
     for i, name in enumerate(cfg.targets):

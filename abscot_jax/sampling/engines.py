@@ -434,6 +434,7 @@ class SubprocessEngine:
         self.shards, self.shard_env, self.timeout_s = shards, shard_env or [{}] * shards, timeout_s
 
     def run_requests(self, requests: Sequence[SamplingRequest]) -> list[SamplingResult]:
+        check_accelerators_free()
         # Lines read_requests could not parse are already results; the rest go to the processes.
         results: list[SamplingResult | None] = [r if isinstance(r, SamplingResult) else None for r in requests]
         todo = [i for i, r in enumerate(results) if r is None]
@@ -473,6 +474,19 @@ class SubprocessEngine:
         tail = " | ".join(log_path.read_text().strip().splitlines()[-5:])
         message = f"{self.engine} process exited with {code} without a result: {tail}"
         return [got.get(i) or SamplingResult.failure(i, message) for i in ids]
+
+
+def check_accelerators_free() -> None:
+    """An out-of-process engine needs the accelerators: refuse to start one while JAX in this
+    process has a backend on them (XLA holds most of each device's memory until the process ends)."""
+    if "jax" not in sys.modules:
+        return
+    from jax._src import xla_bridge
+
+    held = sorted(set(xla_bridge.backends()) - {"cpu"}) if xla_bridge.backends_are_initialized() else []
+    if held:
+        raise RuntimeError(f"this process holds JAX {', '.join(held)} devices; an out-of-process engine needs them "
+                           "free: run it from a process that computes with JAX on the CPU only (JAX_PLATFORMS=cpu)")
 
 
 def visible_gpus() -> list[str] | None:

@@ -134,7 +134,7 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
         log.info("resumed from step %d", start)
     metrics_log = MetricsLog(out_dir, start)
     peak = peak_tflops(jax.local_devices()[0].device_kind, t.peak_tflops_per_device)
-    lora = (cfg.lora.rank, tuple(cfg.lora.targets)) if t.mode == "lora" else (0, ())
+    lora = (cfg.lora.rank, cfg.lora.targets) if t.mode == "lora" else (0, ())
 
     bar = None
     if progress and jax.process_index() == 0:

@@ -1,0 +1,83 @@
+"""The training stages: the verbal-CoT warm-up and each round's Phase A and Phase B, each ending
+with its merged HF export (a phase whose export was interrupted resumes from its final
+checkpoint and exports again)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+
+from abscot_jax.checkpoint import load_hf, save_hf
+from abscot_jax.data.sequences import make_example
+from abscot_jax.layouts import build_phase_examples
+from abscot_jax.model.attention import Role
+from abscot_jax.model.lora import apply_lora, merge_lora
+from abscot_jax.rounds import RunError
+from abscot_jax.sharding import gather_params, make_mesh, sync_processes
+from abscot_jax.stages.context import RunContext
+from abscot_jax.train.runner import run_phase
+from abscot_jax.vocab import abstract_vocab
+
+
+def load_for_training(ctx: RunContext, hf_dir: Path):
+    m, t = ctx.cfg.model, ctx.cfg.train
+    model = load_hf(hf_dir, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
+                    attention_impl=m.attention_impl)
+    if t.mode == "lora":
+        new_ids = abstract_vocab(ctx.tokenizer).all_new_ids
+        apply_lora(model, ctx.cfg.lora, new_token_start=min(new_ids), num_new_tokens=len(new_ids), seed=t.seed)
+    return model
+
+
+def train_and_export(ctx: RunContext, init_dir: Path, examples, phase_dir: Path, out_dir: Path) -> dict:
+    model, summary = run_phase(load_for_training(ctx, init_dir), examples, ctx.cfg, phase_dir, make_mesh(ctx.cfg.mesh),
+                               base_dir=init_dir)
+    gather_params(model)
+    if jax.process_index() == 0:
+        # The training dtype: what the next phase trains from (fp32 master weights in full fine-tuning).
+        save_hf(merge_lora(model), out_dir, tokenizer=ctx.tokenizer, dtype=ctx.cfg.model.param_dtype, overwrite=True)
+    sync_processes(f"export {out_dir}")
+    return summary
+
+
+def warmup(ctx: RunContext) -> dict:
+    """Teach the starting model the verbal-CoT format: [x; c y], loss on c and y."""
+    builder = ctx.builder()
+    examples = [v for v in (verbal_example(builder, e) for e in ctx.split("warmup")) if v is not None]
+    return train_and_export(ctx, ctx.dir / "base", examples, ctx.dir / "warmup" / "phase", ctx.dir / "warmup" / "model")
+
+
+def verbal_example(builder, example):
+    """[x; c y] with c and y trained (role ANSWER, plain causal): the verbal-CoT format.
+    None when it does not fit seq_len."""
+    x, y = builder.prompt_ids(example), builder.answer_ids(example)
+    open_, cot, close, _ = builder.cot_pieces(example)
+    if len(x) + len(open_) + len(cot) + len(close) + len(y) > builder.config.seq_len:
+        return None
+    return make_example([(x, Role.PROMPT), (open_ + cot + close + y, Role.ANSWER)], example_id=example.id, phase="verbal")
+
+
+def train_phase(ctx: RunContext, t: int, phase: str) -> dict:
+    """Phase A (from the previous round's final model) or Phase B (from this round's Phase A
+    model) on this phase's traces, laid out as variants.bottleneck says; then the merged export."""
+    rd = ctx.round_dir(t)
+    traces = json.loads((rd / f"traces_{phase}.json").read_text())
+    builder, v = ctx.builder(), ctx.cfg.variants
+    candidates = rd / f"traces_{phase}_candidates.json"
+    examples = build_phase_examples(builder, [e for e in ctx.split(f"round_{t}_{phase}") if e.id in traces],
+                                    phase.upper(), traces, v, candidates)
+    print(f"  phase {phase.upper()} data: {builder.report}", flush=True)
+    if not examples:
+        raise RunError(f"no Phase {phase.upper()} example fits train.seq_len={ctx.cfg.train.seq_len} "
+                       f"({builder.report}); raise train.seq_len")
+    init = ctx.final_model(t - 1) if phase == "a" else rd / "model_a"
+    summary = train_and_export(ctx, init, examples, rd / f"phase_{phase}", rd / f"model_{phase}")
+    extra = {}  # what a variant changed in this phase's data, and its size
+    if phase == "a" and v.bottleneck == "two_pass":
+        extra["bottleneck"] = "two_pass"
+    if v.weight_by_score and candidates.exists():
+        extra["weighted_candidates"] = True
+    if extra:
+        extra["sequence_tokens"] = sum(len(e) for e in examples)
+    return {**summary, "examples": len(examples), "build": str(builder.report), **extra}
