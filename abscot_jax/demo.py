@@ -75,17 +75,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from abscot_jax import rounds
-    from abscot_jax.checkpoint import USER_ERRORS
+    from abscot_jax.checkpoint import USER_ERRORS, run_cli
 
-    try:
+    def demo(_):
         cfg = demo_config(args.set)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    prepare_inputs(cfg, Path(cfg.run_dir) / cfg.name)
-    run = rounds.run(cfg, list(range(1, cfg.rounds + 1)))
-    print((run.dir / "report.md").read_text())
-    return 0
+        prepare_inputs(cfg, Path(cfg.run_dir) / cfg.name)
+        run = rounds.run(cfg, list(range(1, cfg.rounds + 1)))
+        print((run.dir / "report.md").read_text())
+
+    return run_cli(demo, None, (*USER_ERRORS, rounds.RunError))
 
 
 if __name__ == "__main__":

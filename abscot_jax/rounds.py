@@ -35,6 +35,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from importlib.metadata import version
 
 import yaml
 
+from abscot_jax.checkpoint import Interrupted
 from abscot_jax.config import RunConfig, to_dict
 from abscot_jax.report import write_report
 from abscot_jax.trace_sources import trace_source, uses_jax_devices
@@ -70,6 +72,7 @@ class Stage:
     reads: tuple[str, ...]  # run-directory paths it needs (the configured inputs are checked where they are read)
     writes: tuple[str, ...]  # paths it leaves (relative to the run directory)
     accelerator: bool = True  # False: JAX stays on the CPU in its process (an engine has the GPUs)
+    checkpoints: str = ""  # a training stage's checkpoint directory (run-relative)
 
 
 def start_model(cfg: RunConfig) -> str:
@@ -84,7 +87,7 @@ def setup_stages(cfg: RunConfig) -> list[Stage]:
     external = cfg.sampler.engine != "jax"
     stages = [Stage("prepare_base", "prepare_base", {}, (), ("base",))]
     if cfg.data.warmup_examples:
-        stages.append(Stage("warmup", "warmup", {}, ("base",), ("warmup/model",)))
+        stages.append(Stage("warmup", "warmup", {}, ("base",), ("warmup/model",), checkpoints="warmup/phase/checkpoints"))
     stages += [Stage(f"baseline_{mode}", "baseline", {"mode": mode}, (start_model(cfg),),
                      (f"baseline/{mode}/summary.json",), accelerator=not external)
                for mode in cfg.eval.baselines]
@@ -100,7 +103,7 @@ def round_stages(cfg: RunConfig, t: int) -> list[Stage]:
                          ("base" if source == "random" else init,),
                          (f"{rd}/traces_{phase}.json",), accelerator=uses_jax_devices(source, cfg.sampler.engine)),
                    Stage(f"{rd}/phase_{phase}", "phase", {"t": t, "phase": phase}, (init, f"{rd}/traces_{phase}.json"),
-                         (f"{rd}/model_{phase}",))]
+                         (f"{rd}/model_{phase}",), checkpoints=f"{rd}/phase_{phase}/checkpoints")]
     stages.append(Stage(f"{rd}/eval", "eval", {"t": t}, (f"{rd}/model_b",), (f"{rd}/eval/summary.json",),
                         accelerator=cfg.sampler.engine == "jax"))
     return stages
@@ -150,9 +153,10 @@ EXECUTION_KEYS = {"run_dir", "rounds", "sampler.engine", "sampler.python", "samp
 
 
 def changed_settings(before: dict, now: dict, prefix: str = "") -> list[str]:
-    """`key: old -> new` for each setting (flattened, EXECUTION_KEYS left out) that differs."""
+    """`key: old -> new` for each setting of `before` (flattened, EXECUTION_KEYS left out) that differs."""
     changes = []
-    for key in sorted(set(before) | set(now)):
+    # A key only `now` has is a setting added since the run was made (it ran as its default does).
+    for key in sorted(before):
         name, old, new = prefix + key, before.get(key), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             changes += changed_settings(old, new, name + ".")
@@ -167,16 +171,19 @@ def set_parent_death_signal() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def launch(cmd: list[str], env: dict) -> tuple[int, os.rusage, list[str]]:
-    """Run a stage process; its stderr passes through. Returns its exit code (negative: the signal
-    that ended it), its resource usage and its last lines of stderr."""
+def launch(cmd: list[str], env: dict, started) -> tuple[int, os.rusage, list[str]]:
+    """Run a stage process (`started(process)` once it runs); its stderr passes through. Returns
+    its exit code (negative: the signal that ended it), its resource usage and its last lines of
+    stderr. Its own session: a terminal's Ctrl-C reaches it only through the ledger, once."""
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
-                            preexec_fn=set_parent_death_signal)
+                            preexec_fn=set_parent_death_signal, start_new_session=True)
+    started(proc)
     tail = deque(maxlen=20)
 
     def relay():
         for line in proc.stderr:
-            sys.stderr.write(line)
+            # A progress bar's last state has no newline: end it, so that the next line starts clean.
+            sys.stderr.write(line if line.endswith("\n") else line + "\n")
             if line.strip():
                 tail.append(line.rstrip("\n"))
 
@@ -208,6 +215,23 @@ class Ledger:
         if host_index() == 0:
             (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_json(self.state_path, self.state)
+        self.child: subprocess.Popen | None = None  # the stage process running now
+        self.stopped_by: int | None = None  # SIGINT or SIGTERM, once received
+
+    def on_signal(self, signum: int, _frame) -> None:
+        """SIGINT/SIGTERM: pass it to the stage process, which stops where its files stay whole and
+        ends the run when it exits; between stages, end the run now."""
+        self.stopped_by = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+        else:
+            raise self.interrupted("between stages", "")
+
+    def interrupted(self, where: str, checkpoints: str) -> Interrupted:
+        steps = [int(p.name) for p in (self.dir / checkpoints).glob("[0-9]*")] if checkpoints else []
+        latest = f" (latest checkpoint: {self.dir / checkpoints / str(max(steps))})" if steps else ""
+        return Interrupted(f"{where}{latest}; resume with: {shlex.join(sys.orig_argv)}",
+                           128 + (self.stopped_by or signal.SIGINT))
 
     def done(self, key: str) -> bool:
         return key in self.state["done"]
@@ -223,11 +247,17 @@ class Ledger:
         print(f"[{self.cfg.name}] {stage.key} ...", flush=True)
         env = dict(os.environ) if stage.accelerator else {**os.environ, "JAX_PLATFORMS": "cpu"}
         start = time.perf_counter()
-        code, usage, tail = launch([*STAGE_COMMAND, str(self.dir), stage.key], env)
+        try:
+            code, usage, tail = launch([*STAGE_COMMAND, str(self.dir), stage.key], env,
+                                       lambda proc: setattr(self, "child", proc))
+        finally:
+            self.child = None
+        if self.stopped_by is not None and code != 0:
+            raise self.interrupted(f"stage {stage.key}", stage.checkpoints)
         if code != 0:
-            last = tail[-1] if tail else "no output"
-            if code == 2 and last.startswith("error: "):  # the stage's own one-line reason
-                raise RunError(last.removeprefix("error: "))
+            last = tail[-1].rpartition("\r")[2] if tail else "no output"  # (after a progress bar's redraws)
+            if code == 2 and "error: " in last:  # the stage's own one-line reason
+                raise RunError(last.split("error: ", 1)[1])
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             raise RunError(f"stage {stage.key} {how} ({last}); not marked done: rerun the same command to retry it")
         result = json.loads(result_path(self.dir, stage.key).read_text())
@@ -240,6 +270,8 @@ class Ledger:
                                                            "cpu": usage.ru_utime + usage.ru_stime}
         self.state.setdefault("peak_rss_gb", {})[stage.key] = usage.ru_maxrss * 1024 / 1e9
         write_json(self.state_path, self.state)
+        if self.stopped_by is not None:  # the stage finished before the signal could stop it
+            raise self.interrupted(f"after stage {stage.key}", "")
         return result
 
     def report(self) -> Path | None:
@@ -258,11 +290,16 @@ def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Ledger:
         raise RunError(f"sampler.python={cfg.sampler.python!r} does not exist: give the Python of an environment "
                        "with vllm installed")
     ledger = Ledger(cfg)
-    for stage in setup_stages(cfg):
-        ledger.run(stage)
-    for t in rounds:
-        for stage in round_stages(cfg, t):
-            if stage.key.split("/")[1] in stages:
-                ledger.run(stage)
-    ledger.report()
+    handlers = {s: signal.signal(s, ledger.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for stage in setup_stages(cfg):
+            ledger.run(stage)
+        for t in rounds:
+            for stage in round_stages(cfg, t):
+                if stage.key.split("/")[1] in stages:
+                    ledger.run(stage)
+        ledger.report()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return ledger

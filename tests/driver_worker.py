@@ -13,13 +13,14 @@ def assert_no_jax_backend(when: str) -> None:
 
 def main(run_root: str, data_dir: str, rounds: int):
     from abscot_jax import rounds as driver
+    from abscot_jax.checkpoint import run_cli
     from abscot_jax.config import load_config
 
     launch = driver.launch
 
-    def checked_launch(cmd, env):
+    def checked_launch(cmd, *args):
         assert_no_jax_backend(f"starting {cmd[-1]}")
-        return launch(cmd, env)
+        return launch(cmd, *args)
 
     driver.launch = checked_launch
     driver.STAGE_COMMAND = [sys.executable, str(Path(__file__).with_name("stage_worker.py"))]
@@ -31,12 +32,9 @@ def main(run_root: str, data_dir: str, rounds: int):
         "train.batch_size=4", "train.epochs=2", "train.checkpoint_every=1", "optim.learning_rate=1e-2", "eval.limit=3",
         "eval.m_min=2", "eval.max_new_tokens=10", "sampler.max_batch=16",
     ])
-    try:
-        driver.run(cfg, list(range(1, rounds + 1)))
-    except driver.RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = run_cli(lambda _: driver.run(cfg, list(range(1, rounds + 1))), None, (driver.RunError,))
     assert_no_jax_backend("after the run")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

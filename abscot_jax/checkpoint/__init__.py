@@ -24,10 +24,23 @@ def user_error_message(e: BaseException, user_errors=USER_ERRORS) -> str | None:
     return None
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a command after its finished work was saved; the message says
+    where it stopped and how to resume."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_cli(main, argv=None, user_errors=USER_ERRORS) -> int:
-    """Run a command-line `main(argv)`; user errors print `error: ...` on stderr and exit 2."""
+    """Run a command-line `main(argv)`; user errors print `error: ...` on stderr and exit 2, an
+    interruption prints `interrupted: ...` and exits 130 (SIGINT) or 143 (SIGTERM)."""
     try:
         main(argv)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:
         message = user_error_message(e, user_errors)
         if message is None:
@@ -38,7 +51,7 @@ def run_cli(main, argv=None, user_errors=USER_ERRORS) -> int:
 
 
 __all__ = [
-    "CheckpointError", "ConfigError", "USER_ERRORS", "convert_hf_to_checkpoint", "export_checkpoint_to_hf",
+    "CheckpointError", "ConfigError", "Interrupted", "USER_ERRORS", "convert_hf_to_checkpoint", "export_checkpoint_to_hf",
     "iter_hf_tensors", "load_checkpoint", "load_hf",
     "run_cli", "user_error_message", "save_checkpoint", "save_hf",
 ]

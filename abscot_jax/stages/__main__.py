@@ -1,6 +1,7 @@
 """python -m abscot_jax.stages RUN_DIR KEY: one stage of a run, in this process (the ledger starts
 it; abscot_jax/rounds.py). Reads RUN_DIR/config.yaml; writes what the stage returns to
 RUN_DIR/stage_results/, which the ledger records in state.json."""
+import signal
 import sys
 from pathlib import Path
 
@@ -44,8 +45,14 @@ def run_stage(run_dir: Path, key: str) -> None:
 
 def main(argv=None) -> int:
     run_dir, key = argv if argv is not None else sys.argv[1:]
-    return run_cli(lambda _: run_stage(Path(run_dir), key), None,
-                   (*USER_ERRORS, DataError, VocabError, rounds.RunError, TrainingDiverged, ProcessLost))
+    # SIGTERM as Ctrl-C: stop at the next Python instruction; every file is written whole or not at
+    # all, and the ledger says where the run stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return run_cli(lambda _: run_stage(Path(run_dir), key), None,
+                       (*USER_ERRORS, DataError, VocabError, rounds.RunError, TrainingDiverged, ProcessLost))
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
