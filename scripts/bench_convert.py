@@ -1,15 +1,18 @@
 """Conversion benchmark: our HF -> Orbax -> HF against transformers' from_pretrained + save_pretrained.
 
-Generates a random fp32 Qwen3 checkpoint (default about 2 GB: hidden 2048, 8 layers, untied,
-vocab 32000), then runs each step in its own process and reads that process's own peak RSS
-(os.wait4) and wall time:
-  ours:         convert/hf_to_flax.py, then convert/flax_to_hf.py --dtype float32
-  transformers: AutoModelForCausalLM.from_pretrained(dtype=float32) + save_pretrained
+Generates a random Qwen3 checkpoint, one tensor in memory at a time: by default fp32, about 2 GB
+(hidden 2048, 8 layers, untied, vocab 32000) in one file; with --shape qwen3-4b, Qwen3-4B's shape
+in bf16 (8 GB), sharded as the hub shards it (3 files + index, Qwen3-4B's config.json). Then it
+runs each step in its own process and reads that process's own peak RSS (os.wait4) and wall time,
+every step in the source's dtype:
+  ours:         convert/hf_to_flax.py, then convert/flax_to_hf.py
+  transformers: AutoModelForCausalLM.from_pretrained(dtype=the source's) + save_pretrained
   for context, not in the ratios: our load_hf + save_hf in one process (HF -> HF, no Orbax)
 Our peak RSS is the larger of our two processes; our time is their sum. The exported weights are
 checked bit-exact against the source. Last line: `rss_ratio_vs_hf=<float> time_ratio_vs_hf=<float>`.
 
-    python scripts/bench_convert.py [--work DIR] [--layers 8] [--hidden 2048] [--keep] [--phases]
+    python scripts/bench_convert.py [--work DIR] [--shape small|qwen3-4b] [--layers N] [--hidden 2048]
+                                    [--keep] [--phases]
 """
 from __future__ import annotations
 
@@ -24,17 +27,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rehearse_qwen3_4b import QWEN3_4B_CONFIG, write_random_hf  # this script's directory is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
+# Each takes: source dir, output dir, dtype.
 DIRECT_ROUND_TRIP = """
 import sys
 from abscot_jax.checkpoint import load_hf, save_hf
-save_hf(load_hf(sys.argv[1]), sys.argv[2], tokenizer_dir=sys.argv[1], dtype="float32")
+save_hf(load_hf(sys.argv[1], param_dtype=sys.argv[3]), sys.argv[2], tokenizer_dir=sys.argv[1], dtype=sys.argv[3])
 """
 HF_ROUND_TRIP = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3]))
 model.save_pretrained(sys.argv[2])
 """
 
@@ -61,10 +66,12 @@ with timed("ours: imports (jax, flax, orbax, model code)", since=start):
     from abscot_jax.checkpoint import hf, orbax_io
 gc.freeze(); gc.enable()
 src, ckpt, out = map(os.path.abspath, sys.argv[1:4])
-cfg, reader = hf.open_hf_dir(src, param_dtype="float32", compute_dtype="float32")
+dtype = sys.argv[4]
+cfg, reader = hf.open_hf_dir(src, param_dtype=dtype, compute_dtype=dtype)
 leaves = hf.abstract_model(cfg)[1].to_pure_dict()
-buffer = np.empty(max(leaf.size * 4 for leaf in leaves.values()), np.uint8)  # reused, as the CLI does
-view = lambda name: buffer[: leaves[name].size * 4].view(np.float32).reshape(leaves[name].shape)
+nbytes = lambda leaf: leaf.size * leaf.dtype.itemsize
+buffer = np.empty(max(nbytes(leaf) for leaf in leaves.values()), np.uint8)  # reused, as the CLI does
+view = lambda name: buffer[: nbytes(leaves[name])].view(leaves[name].dtype).reshape(leaves[name].shape)
 with orbax_io._orbax_context():
     for name, leaf in leaves.items():
         with timed("ours: read safetensors + transpose"):
@@ -78,7 +85,7 @@ with orbax_io._orbax_context(partial_load=True):
         with timed("ours: Orbax partial loads"):
             ocp.load(os.path.join(ckpt, "params"), {name: np.empty(leaf.shape, leaf.dtype)})
 with timed("ours: transpose + write safetensors"):  # from the buffer: the loads are timed above
-    hf.write_hf_dir(cfg, hf.hf_tensors(cfg, view), out, dtype="float32")
+    hf.write_hf_dir(cfg, hf.hf_tensors(cfg, view), out, dtype=dtype)
 report()
 """
 HF_PHASES = PHASE_TIMER + """
@@ -87,44 +94,47 @@ with timed("transformers: imports (torch, transformers)", since=start):
     from transformers import AutoModelForCausalLM
 gc.freeze(); gc.enable()
 with timed("transformers: from_pretrained"):
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3]))
 with timed("transformers: save_pretrained"):
     model.save_pretrained(sys.argv[2])
 report()
 """
 
 
-def make_source(path: Path, args) -> int:
-    """A random HF checkpoint written tensor by tensor (no model ever held in memory)."""
-    from abscot_jax.checkpoint.hf import write_safetensors, hf_config_dict, hf_tensor_specs
-    from abscot_jax.fixtures import make_tokenizer
+def source_config(args):
+    """(architecture, dtype, largest shard, config.json fields we do not model) of the source."""
     from abscot_jax.model.config import Qwen3Config
+    from abscot_jax.plan import PRESETS
 
+    if args.shape == "qwen3-4b":
+        arch = {**PRESETS["qwen3-4b"], "num_hidden_layers": args.layers or 36}
+        return Qwen3Config.from_hf_dict(arch), "bfloat16", "4GB", QWEN3_4B_CONFIG
     cfg = Qwen3Config(
         vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-        num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
+        num_hidden_layers=args.layers or 8, num_attention_heads=16, num_key_value_heads=4,
         head_dim=args.hidden // 16, tie_word_embeddings=False,
     )
-    path.mkdir(parents=True)
-    specs = hf_tensor_specs(cfg)
-    rng = np.random.default_rng(0)
+    return cfg, "float32", "20GB", None
 
-    def tensors():
-        for hf_name, _, _, shape in specs:
-            scale = 0.1 if len(shape) == 1 else 0.02
-            yield hf_name, (1.0 if len(shape) == 1 else 0.0) + scale * rng.standard_normal(shape, np.float32)
 
-    layout = [(hf_name, shape) for hf_name, _, _, shape in specs]
-    write_safetensors(path / "model.safetensors", layout, tensors(), np.dtype(np.float32))
-    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg, None, "float32"), indent=2))
-    make_tokenizer(path)
-    # write_safetensors bypasses the page cache: read the file once so that every contender
-    # starts from the same warm cache (the first reader would otherwise pay the disk alone).
-    with open(path / "model.safetensors", "rb", buffering=0) as f:
-        buf = bytearray(8 << 20)
-        while f.readinto(buf):
-            pass
-    return (path / "model.safetensors").stat().st_size
+def make_source(path: Path, args) -> tuple[int, str]:
+    """The random source checkpoint; returns its weight bytes and dtype."""
+    from abscot_jax.fixtures import make_tokenizer
+
+    cfg, dtype, max_shard_size, base_config = source_config(args)
+    make_tokenizer(path.with_name("tokenizer"))
+    write_random_hf(cfg, path, dtype=dtype, tokenizer_dir=path.with_name("tokenizer"), max_shard_size=max_shard_size,
+                    base_config=base_config)
+    # write_hf_dir bypasses the page cache: read the files once so that every contender starts
+    # from the same warm cache (the first reader would otherwise pay the disk alone).
+    size = 0
+    for shard in sorted(path.glob("*.safetensors")):
+        size += shard.stat().st_size
+        with open(shard, "rb", buffering=0) as f:
+            buf = bytearray(8 << 20)
+            while f.readinto(buf):
+                pass
+    return size, dtype
 
 
 def run(label: str, cmd: list[str]) -> tuple[float, float, float]:
@@ -148,25 +158,32 @@ def run(label: str, cmd: list[str]) -> tuple[float, float, float]:
 
 
 def check_identical(src: Path, out: Path) -> int:
-    """Every tensor of `out` equals `src` bit for bit (read one tensor at a time)."""
-    from safetensors import safe_open
-
+    """Every tensor of `out` equals `src` bit for bit, dtype and shape included (read in chunks)."""
     from abscot_jax.checkpoint.hf import SafetensorsDir
 
     a, b = SafetensorsDir(src).tensors, SafetensorsDir(out).tensors
     assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
-    for name in a:
-        with safe_open(a[name][0], "numpy") as fa, safe_open(b[name][0], "numpy") as fb:
-            x, y = fa.get_tensor(name), fb.get_tensor(name)
-            assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8)), name
+    for name, (path, shape, dtype, offset) in a.items():
+        other, other_shape, other_dtype, other_offset = b[name]
+        assert (shape, dtype) == (other_shape, other_dtype), name
+        left = int(np.prod(shape)) * dtype.itemsize
+        with open(path, "rb") as f, open(other, "rb") as g:
+            f.seek(offset)
+            g.seek(other_offset)
+            while left:
+                n = min(left, 64 << 20)
+                assert f.read(n) == g.read(n), name
+                left -= n
     return len(a)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--shape", choices=["small", "qwen3-4b"], default="small",
+                        help="small: fp32, --hidden/--layers, one file; qwen3-4b: bf16, sharded as the hub")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 8 small, 36 qwen3-4b)")
+    parser.add_argument("--hidden", type=int, default=2048, help="small shape only")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--phases", action="store_true",
                         help="then time each phase (imports, reads, Orbax saves and loads, writes) of both "
@@ -179,16 +196,19 @@ def main() -> None:
             work / n for n in ("src_hf", "ckpt", "ours_hf", "transformers_hf", "direct_hf"))
         for d in (src, ckpt, ours, theirs, direct):
             shutil.rmtree(d, ignore_errors=True)
-        size = make_source(src, args)
+        size, dtype = make_source(src, args)
         load = os.getloadavg()[0]
-        print(f"source checkpoint: {size / 1e9:.2f} GB fp32 ({args.layers} layers, hidden {args.hidden}); "
+        files = len(list(src.glob("*.safetensors")))
+        print(f"source checkpoint: {size / 1e9:.2f} GB {dtype} in {files} file(s) ({args.shape}, "
+              f"{json.loads((src / 'config.json').read_text())['num_hidden_layers']} layers); "
               f"{os.cpu_count()} CPUs, load average {load:.1f} at start")
         py = sys.executable
         t1, c1, r1 = run("ours: hf_to_flax", [py, "convert/hf_to_flax.py", "--hf-dir", str(src), "--out", str(ckpt)])
-        t2, c2, r2 = run("ours: flax_to_hf", [py, "convert/flax_to_hf.py", "--ckpt", str(ckpt), "--out", str(ours),
-                                          "--dtype", "float32"])
-        th, ch, rh = run("transformers: load + save", [py, "-c", HF_ROUND_TRIP, str(src), str(theirs)])
-        run("ours, direct: load_hf+save_hf", [py, "-c", DIRECT_ROUND_TRIP, str(src), str(direct)])
+        t2, c2, r2 = run("ours: flax_to_hf", [py, "convert/flax_to_hf.py", "--ckpt", str(ckpt), "--out", str(ours)])
+        if not args.phases:
+            shutil.rmtree(ckpt)  # disk: at 4B every copy is 8 GB
+        th, ch, rh = run("transformers: load + save", [py, "-c", HF_ROUND_TRIP, str(src), str(theirs), dtype])
+        run("ours, direct: load_hf+save_hf", [py, "-c", DIRECT_ROUND_TRIP, str(src), str(direct), dtype])
         n = check_identical(src, ours)
         check_identical(src, direct)
         ours_time, ours_rss = t1 + t2, max(r1, r2)
@@ -201,7 +221,7 @@ def main() -> None:
                 shutil.rmtree(d)
             for script, dirs in ((OUR_PHASES, (src, ckpt, ours)), (HF_PHASES, (src, theirs))):
                 os.sync()  # as in run()
-                subprocess.run([py, "-c", script, *map(str, dirs)], cwd=REPO, check=True,
+                subprocess.run([py, "-c", script, *map(str, dirs), dtype], cwd=REPO, check=True,
                                env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
         print(f"rss_ratio_vs_hf={ours_rss / rh:.3f} time_ratio_vs_hf={ours_time / th:.3f}")
     finally:

@@ -297,6 +297,50 @@ def test_sharded_batch_matches_single_device(model_dir, vocab, sampler):
     assert sharded.generate(prompts, requests, [16] * 3) == sampler.generate(prompts, requests, [16] * 3)
 
 
+# ---- layer weights: split before the loop, or indexed inside it ---------------------------------
+
+def test_weights_indexed_in_the_loop_match_hf_generate(model_dir, hf_model):
+    indexed = Sampler(load_hf(model_dir), eos_id=EOS, split_layers=False, **BUCKETS)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 500, n).tolist() for n in (3, 11, 17, 6, 30)]
+    ours = indexed.generate(prompts, [verbal(i, p, 24) for i, p in enumerate(prompts)], [24] * len(prompts))
+    assert [tokens for tokens, _ in ours] == hf_greedy(hf_model, prompts, 24)
+
+
+def test_bf16_weights_on_cpu_are_converted_one_layer_at_a_time():
+    """XLA:CPU runs bf16 dots in fp32, converting each weight. Indexed in the loop (the default for
+    bf16 on CPU), one layer's conversion is live at a time: adding layers adds only their KV cache to
+    the program's temporaries. Split before the loop, or with the conversions hoisted or scheduled
+    together, each added layer adds at least its fp32 weights."""
+    from abscot_jax.model.config import Qwen3Config
+    from abscot_jax.model.qwen3 import Qwen3, projection_shapes
+
+    batch, prompt, new = 2, 16, 16
+
+    def config(layers):
+        return Qwen3Config(vocab_size=1024, hidden_size=512, intermediate_size=2048, num_hidden_layers=layers,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                           param_dtype="bfloat16", compute_dtype="bfloat16")
+
+    def temporaries(layers, split_layers=None):  # compiled for abstract shapes: nothing is allocated
+        sampler = Sampler(nnx.eval_shape(lambda: Qwen3(config(layers), rngs=nnx.Rngs(0))), split_layers=split_layers)
+        requests = [SamplingRequest(id=str(i), prompt_ids=[1]) for i in range(batch)]
+        rows = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), Rows.build(requests, [new] * batch, EOS))
+        tokens = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
+        compiled = sampler._compiled.lower(sampler.params, tokens, tokens, tokens, rows, max_new=new,
+                                           trace=sampler.trace).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("a property of XLA's CPU backend")
+    cfg = config(1)
+    layer_fp32 = 4 * sum(i * o for i, o in projection_shapes(cfg).values())
+    kv_cache = 2 * batch * cfg.num_key_value_heads * cfg.head_dim * (prompt + new) * 2  # keys and values, bf16
+    added = 8
+    assert temporaries(4 + added) - temporaries(4) <= added * kv_cache + layer_fp32
+    assert temporaries(4 + added, split_layers=True) - temporaries(4, split_layers=True) >= added * layer_fp32
+
+
 def test_bucketing_bounds_the_number_of_programs(sampler):
     before = sampler._compiled._cache_size()
     for n in (2, 5, 9, 14, 31):  # prompt lengths 2..31 and budgets 1..30 share the (32, 32) bucket

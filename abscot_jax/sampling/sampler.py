@@ -6,6 +6,13 @@ two), so a run compiles a handful of programs, not one per prompt length. Everyt
 per request (temperatures, top-k/top-p, seed, trace bounds, stop tokens, budget) lives in arrays,
 so any mix of requests shares one program. Each row draws its randomness from its own seed folded
 with the token index: a request samples the same tokens whatever batch it lands in.
+
+Layer weights: split once per layer before the loop (`Qwen3.layer_params_list`: no slice copies
+per step, at the cost of a second copy of the layer weights), except when computing in 16 bits on
+CPU. There XLA computes each dot in fp32, converting the weight at every use; the layer is indexed in
+the stacked weights inside the loop, where the slice fuses into that conversion (no copy at all),
+and two compiler options (STREAM_OPTIONS) keep XLA converting one layer at a time. Qwen3-4B in bf16
+(8 GB of weights), 2 rows: split, the program needs 26.9 GB of temporaries; indexed, 1.6 GB.
 """
 from __future__ import annotations
 
@@ -153,14 +160,32 @@ def decode_step(state: DecodeState, logits, rows: Rows, trace: TraceTokens) -> D
 
 # ---- the compiled generation ------------------------------------------------------------------
 
-def _generate(graphdef, params, tokens, positions, segments, rows: Rows, *, max_new: int, trace: TraceTokens):
+# For the program that indexes layers inside the loop (see the module docstring). Without the first,
+# XLA hoists the loop-invariant fp32 conversions of every weight out of the decode loop (an fp32
+# copy of the model: 14.5 GB at Qwen3-4B); without the second, XLA:CPU's default scheduler, tuned
+# for concurrency, converts every layer's weights at the start of each forward (the same 14.5 GB).
+STREAM_OPTIONS = {
+    "xla_disable_hlo_passes": "while-loop-invariant-code-motion",
+    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+}
+
+
+def _generate(graphdef, params, tokens, positions, segments, rows: Rows, *, max_new: int, trace: TraceTokens,
+              split_layers: bool):
     """tokens/positions/segments [B, P] left-padded (pads: segment 0). Returns (tokens [B, N], stopped [B])."""
     model = nnx.merge(graphdef, params)
     b, p = tokens.shape
     cache = KVCache.zeros(model.config, b, p + max_new)
-    # Per-layer weights split once, here, outside the decode loop (see Qwen3.layer_params_list).
-    layers = model.layer_params_list()
-    hidden, cache = model.hidden_states(tokens, positions, segments, cache=cache, layers=layers)
+    split = model.layer_params_list() if split_layers else None  # once, here, outside the decode loop
+
+    def layer_weights():
+        """Each layer's weights: split above, or sliced from the stacked weights where they are used."""
+        if split is not None:
+            return split
+        stacked = model.layer_params()
+        return [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(model.config.num_hidden_layers)]
+
+    hidden, cache = model.hidden_states(tokens, positions, segments, cache=cache, layers=layer_weights())
     # Left padding puts every row's last prompt token in the last slot.
     state = decode_step(DecodeState.init(rows, max_new), model.logits(hidden[:, -1]), rows, trace)
     next_position = positions[:, -1] + 1
@@ -175,7 +200,7 @@ def _generate(graphdef, params, tokens, positions, segments, rows: Rows, *, max_
         last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=True)
         # A done row keeps computing (static shapes); feed it a valid id, its output is ignored.
         position = (next_position + state.step - 1)[:, None]
-        hidden, cache = model.hidden_states(jnp.maximum(last, 0), position, ones, cache=cache, layers=layers)
+        hidden, cache = model.hidden_states(jnp.maximum(last, 0), position, ones, cache=cache, layers=layer_weights())
         return decode_step(state, model.logits(hidden[:, 0]), rows, trace), cache
 
     state, _ = jax.lax.while_loop(running, one_token, (state, cache))
@@ -193,11 +218,13 @@ class Sampler:
     model: a Qwen3 (any dtype, LoRA included). trace: the abstract ids (`TraceTokens.of(vocab)`).
     eos_id: the default stop token (end of turn). mesh: optional; the batch is split over its
     `data`/`fsdp` axes and the parameters placed with the training partition rules.
+    split_layers: split the layer weights before the decode loop; default: unless computing in 16
+    bits on CPU (see the module docstring).
     """
 
     def __init__(self, model: Qwen3, *, trace: TraceTokens = TraceTokens(), eos_id: int | None = None,
                  mesh=None, max_batch: int = 32, min_batch: int = 1, min_prompt_bucket: int = 16,
-                 min_new_bucket: int = 16):
+                 min_new_bucket: int = 16, split_layers: bool | None = None):
         self.config = model.config
         self.trace, self.eos_id, self.mesh = trace, eos_id, mesh
         self.max_batch, self.min_batch = max_batch, min_batch
@@ -211,8 +238,12 @@ class Sampler:
             self.batch_sharding = batch_sharding(mesh)
             self.batch_multiple = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
         self.params = params
+        if split_layers is None:
+            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+            split_layers = not (platform == "cpu" and jnp.dtype(self.config.jnp_compute_dtype).itemsize == 2)
         self._compiled = jax.jit(
-            functools.partial(_generate, self.graphdef), static_argnames=("max_new", "trace"))
+            functools.partial(_generate, self.graphdef, split_layers=split_layers),
+            static_argnames=("max_new", "trace"), compiler_options=None if split_layers else STREAM_OPTIONS)
 
     def with_model(self, model: Qwen3) -> "Sampler":
         """This sampler running `model` (same architecture, new weights: e.g. after a training
