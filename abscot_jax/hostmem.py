@@ -7,8 +7,9 @@ temporaries as new pages: on the 2-core development VM (gVisor) a step of the be
 for large blocks and no trimming of the heap, freed blocks are reused and the faults disappear.
 The price: the process keeps its peak heap until it exits, and that peak can be about two calls'
 temporaries (XLA may allocate a call's before freeing the previous call's). So the commands that
-run computations over and over apply it (the stage processes of train and demo, eval, the
-sampling engines, the toy study, the step benchmarks); the conversions, whose point is a small peak, do not (flax_to_hf
+run computations over and over on the CPU apply it (the round driver's stage processes when JAX
+computes on the CPU, eval, the step benchmarks; never an engine process, whose allocator belongs to
+its engine); the conversions, whose point is a small peak, do not (flax_to_hf
 with it: peak RSS 0.96 -> 1.70 GB, no faster). Opt out with ABSCOT_KEEP_FREED_MEMORY=0.
 """
 from __future__ import annotations
@@ -36,3 +37,11 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return all(mallopt(param, value) == 1 for param, value in (
         (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER)))
+
+
+def keep_freed_memory_on_cpu() -> bool:
+    """The policy where JAX computes on the CPU, else nothing (an accelerator's buffers are not
+    the host allocator's). Starts JAX's backend: call it after jax.distributed.initialize."""
+    import jax  # this module is imported by processes that never start JAX
+
+    return jax.default_backend() == "cpu" and keep_freed_memory()

@@ -41,3 +41,16 @@ def test_freed_block_is_reused():
     # block comes back from the heap and almost nothing faults.
     assert page_faults_of_second_block("0") >= block_pages
     assert page_faults_of_second_block("1") < block_pages // 10
+
+
+def test_the_policy_applies_only_where_jax_computes_on_the_cpu(monkeypatch):
+    import jax
+
+    from abscot_jax import hostmem
+
+    applied = []
+    monkeypatch.setattr(hostmem, "keep_freed_memory", lambda: applied.append(True) or True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not hostmem.keep_freed_memory_on_cpu() and not applied  # an accelerator: left alone
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert hostmem.keep_freed_memory_on_cpu() and applied == [True]

@@ -24,7 +24,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from abscot_jax.hostmem import keep_freed_memory
 from abscot_jax.sampling.protocol import (
     RequestError, SamplingRequest, SamplingResult, make_result, new_token_limit, prompt_token_ids, read_requests,
     read_results, stop_ids, write_requests, write_results,
@@ -512,7 +511,6 @@ def vllm_engine(model_dir, options: VllmOptions = VllmOptions(), gpus: Sequence[
 # ---- command line -----------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    keep_freed_memory()  # XLA's per-call temporaries: see abscot_jax/hostmem.py
     p = argparse.ArgumentParser(prog="python -m abscot_jax.sampling.engines", description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", required=True, choices=["hf", "vllm", "jax"])
     p.add_argument("--model", required=True, help="exported HF model directory (config.json, safetensors, tokenizer)")

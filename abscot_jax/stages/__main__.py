@@ -5,24 +5,21 @@ import signal
 import sys
 from pathlib import Path
 
-from abscot_jax.hostmem import keep_freed_memory
+import jax
 
-keep_freed_memory()  # before JAX starts its threads: see abscot_jax/hostmem.py
-
-import jax  # noqa: E402
-
-from abscot_jax import rounds  # noqa: E402
-from abscot_jax.checkpoint import USER_ERRORS, run_cli  # noqa: E402
-from abscot_jax.config import load_config  # noqa: E402
-from abscot_jax.data.dolci import DataError  # noqa: E402
-from abscot_jax.sharding import configure_logging, initialize_distributed, set_device_memory_fraction  # noqa: E402
-from abscot_jax.stages.base import prepare_base  # noqa: E402
-from abscot_jax.stages.context import RunContext, write_json_atomic  # noqa: E402
-from abscot_jax.stages.evaluation import baseline, round_eval  # noqa: E402
-from abscot_jax.stages.traces import phase_traces  # noqa: E402
-from abscot_jax.stages.training import train_phase, warmup  # noqa: E402
-from abscot_jax.train.runner import ProcessLost, TrainingDiverged  # noqa: E402
-from abscot_jax.vocab import VocabError  # noqa: E402
+from abscot_jax import rounds
+from abscot_jax.checkpoint import USER_ERRORS, run_cli
+from abscot_jax.config import load_config
+from abscot_jax.data.dolci import DataError
+from abscot_jax.hostmem import keep_freed_memory_on_cpu
+from abscot_jax.sharding import configure_logging, initialize_distributed, set_device_memory_fraction
+from abscot_jax.stages.base import prepare_base
+from abscot_jax.stages.context import RunContext, write_json_atomic
+from abscot_jax.stages.evaluation import baseline, round_eval
+from abscot_jax.stages.traces import phase_traces
+from abscot_jax.stages.training import train_phase, warmup
+from abscot_jax.train.runner import ProcessLost, TrainingDiverged
+from abscot_jax.vocab import VocabError
 
 # Stage.kind -> its function
 STAGE_FUNCTIONS = {"prepare_base": prepare_base, "warmup": warmup, "baseline": baseline, "traces": phase_traces,
@@ -37,6 +34,7 @@ def run_stage(run_dir: Path, key: str) -> None:
         jax.config.update("jax_compilation_cache_dir", str(run_dir / "xla_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     initialize_distributed()
+    keep_freed_memory_on_cpu()  # XLA's per-call temporaries: see abscot_jax/hostmem.py
     configure_logging()
     stage = rounds.find_stage(cfg, key)
     result = STAGE_FUNCTIONS[stage.kind](RunContext(cfg), **stage.args) or {}
