@@ -103,12 +103,14 @@ def write_random_hf(cfg, out_dir: Path, *, dtype: str, tokenizer_dir: Path, max_
     sharded as the hub shards Qwen3-4B (4 GB files: 3.96, 3.98 and 0.10 GB in bf16)."""
     import numpy as np
 
-    from abscot_jax.checkpoint.hf import hf_tensor_specs, write_hf_dir
+    from abscot_jax.checkpoint.hf import write_hf_dir
+    from abscot_jax.model.hf_names import hf_tensor_specs
 
     rng = np.random.default_rng(0)
 
     def tensors():
-        for hf_name, _, _, shape in hf_tensor_specs(cfg):
+        for spec in hf_tensor_specs(cfg):
+            hf_name, shape = spec.hf_name, spec.shape
             if len(shape) == 1:
                 yield hf_name, 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
             else:

@@ -25,30 +25,14 @@ import numpy as np
 from flax import nnx
 
 from abscot_jax.model.config import DTYPES, Qwen3Config
-from abscot_jax.model.qwen3 import PROJECTIONS, Qwen3, norm_sizes, projection_shapes
+from abscot_jax.model.hf_names import HF_GLOBAL_NAMES, HF_LAYER_NAMES, TRANSPOSED, HFSpec, hf_tensor_specs
+from abscot_jax.model.qwen3 import Qwen3
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written; the message names the file and the fix."""
 
 
-# Our parameter name -> HF tensor name (per layer: a template over the layer index).
-HF_LAYER_NAMES = {
-    "q_proj": "model.layers.{}.self_attn.q_proj.weight",
-    "k_proj": "model.layers.{}.self_attn.k_proj.weight",
-    "v_proj": "model.layers.{}.self_attn.v_proj.weight",
-    "o_proj": "model.layers.{}.self_attn.o_proj.weight",
-    "gate_proj": "model.layers.{}.mlp.gate_proj.weight",
-    "up_proj": "model.layers.{}.mlp.up_proj.weight",
-    "down_proj": "model.layers.{}.mlp.down_proj.weight",
-    "input_norm": "model.layers.{}.input_layernorm.weight",
-    "post_attn_norm": "model.layers.{}.post_attention_layernorm.weight",
-    "q_norm": "model.layers.{}.self_attn.q_norm.weight",
-    "k_norm": "model.layers.{}.self_attn.k_norm.weight",
-}
-HF_GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-# torch.nn.Linear stores [out, in]; our kernels are [in, out].
-TRANSPOSED = frozenset(PROJECTIONS) | {"lm_head"}
 # Files that travel with the weights: tokenizer, chat template, generation defaults.
 COMPANION_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -63,25 +47,9 @@ ST_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 Shardings = jax.sharding.Sharding | Mapping[str, jax.sharding.Sharding] | Callable[[str], jax.sharding.Sharding] | None
-HFSpec = tuple[str, str, int | None, tuple[int, ...]]  # (hf_name, our param name, layer or None, HF shape)
 
 
-# ---- names, shapes, model skeleton ------------------------------------------------------------
-def hf_tensor_specs(cfg: Qwen3Config) -> list[HFSpec]:
-    """Every HF tensor of the model, grouped by our parameter (all layers of one stacked
-    parameter together, so a writer needs one parameter in memory at a time)."""
-    d, v = cfg.hidden_size, cfg.vocab_size
-    per_layer = {name: (fan_out, fan_in) for name, (fan_in, fan_out) in projection_shapes(cfg).items()}
-    per_layer.update({name: (size,) for name, size in norm_sizes(cfg).items()})
-    specs = [(HF_GLOBAL_NAMES["embed"], "embed", None, (v, d))]
-    for name, shape in per_layer.items():
-        specs += [(HF_LAYER_NAMES[name].format(i), name, i, shape) for i in range(cfg.num_hidden_layers)]
-    specs.append((HF_GLOBAL_NAMES["final_norm"], "final_norm", None, (d,)))
-    if not cfg.tie_word_embeddings:
-        specs.append((HF_GLOBAL_NAMES["lm_head"], "lm_head", None, (v, d)))
-    return specs
-
-
+# ---- model skeleton ---------------------------------------------------------------------------
 def resolve_sharding(shardings: Shardings, name: str) -> jax.sharding.Sharding:
     """The target sharding of parameter `name`; default: the first device."""
     if shardings is None:
