@@ -8,7 +8,6 @@ trace_sources modules of the same names call them, and abscot_jax/layouts holds 
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import math
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from abscot_jax.data.pipeline import first_fit_decreasing, pack_row
-from abscot_jax.data.sequences import COT_CLOSE, COT_OPEN, SequenceExample, make_example
+from abscot_jax.data.sequences import SequenceExample, make_example
 from abscot_jax.model.attention import Role
 from abscot_jax.sampling.protocol import MAX_SEED, SamplingRequest
 from abscot_jax.train.loss import target_roles
@@ -193,19 +192,9 @@ def scoring_model(engine, model_dir: Path, **load_options):
 # ---- 3. round-1 traces from CoT codes -----------------------------------------------------------
 
 def step_spans(builder, example) -> tuple[list[int], list[tuple[int, int]]]:
-    """c = `<think>\\n COT \\n</think>\\n\\n` tokenised as `builder.cot_pieces` does, and the token span
-    [start, end) of each step within it, by the builder's rule (a step: a non-blank line; its tokens:
-    those that start inside it; at least one). tests/test_variants.py checks the lengths agree."""
-    enc = builder.tokenizer(COT_OPEN + example.cot + COT_CLOSE, add_special_tokens=False,
-                            return_offsets_mapping=True)
-    starts = [start for start, _ in enc["offset_mapping"]]
-    spans, pos = [], len(COT_OPEN)
-    for line in example.cot.split("\n"):
-        if line.strip():
-            first = bisect.bisect_left(starts, pos)
-            spans.append((first, max(first + 1, bisect.bisect_left(starts, pos + len(line)))))
-        pos += len(line) + 1
-    return list(enc["input_ids"]), spans
+    """c's token ids and the token span [start, end) of each step within them (the builder's split)."""
+    pieces = builder.cot_pieces(example)
+    return pieces.open + pieces.cot + pieces.close, pieces.step_spans
 
 
 def step_vectors(model, builder, examples, *, layer: int, rows: int) -> tuple[list[np.ndarray], int]:

@@ -55,6 +55,7 @@ import collections
 import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -184,6 +185,18 @@ def cut_cot(cot_ids: Sequence[int], budget: int, policy: str) -> list[int]:
     return list(cot_ids[:head]) + list(cot_ids[len(cot_ids) - (budget - head):])
 
 
+class CotPieces(NamedTuple):
+    """c = `<think>\\n COT \\n</think>\\n\\n` tokenised once, in its three parts, and its steps."""
+    open: list[int]  # [<think>]
+    cot: list[int]  # "\n" COT "\n"
+    close: list[int]  # [</think>, "\n\n"]
+    step_spans: list[tuple[int, int]]  # each CoT step's tokens [start, end) in open + cot + close
+
+    @property
+    def step_lengths(self) -> list[int]:
+        return [end - start for start, end in self.step_spans]
+
+
 class SequenceBuilder:
     """Builds Phase A / Phase B examples from `DolciExample`-like records (`id`, `prompt_messages`,
     `cot`, `answer`) and keeps a `BuildReport` of what it built, cut and dropped."""
@@ -209,26 +222,26 @@ class SequenceBuilder:
     def answer_ids(self, example) -> list[int]:
         return self._encode(example.answer) + [self._end_of_turn]
 
-    def cot_pieces(self, example) -> tuple[list[int], list[int], list[int], list[int]]:
-        """c tokenised once as one text: ([<think>], CoT ids, [</think>, ...]) and the token count
-        of each CoT step. A step's tokens are those that start inside its line: the same count as
-        tokenising the line alone, except that the rare token spanning a line end (".\\n") counts
-        for the line it starts in; and the CoT is tokenised once, not twice."""
+    def cot_pieces(self, example) -> CotPieces:
+        """c tokenised once as one text, and its steps (a step: a non-blank line). A step's tokens
+        are those that start inside its line, at least one: the same count as tokenising the line
+        alone, except that the rare token spanning a line end (".\\n") counts for the line it
+        starts in; and the CoT is tokenised once, not twice."""
         enc = self.tokenizer(COT_OPEN + example.cot + COT_CLOSE, add_special_tokens=False, return_offsets_mapping=True)
-        ids, starts = enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
+        ids, starts = list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
         close = ids.index(self._think_close)
-        step_lengths, pos = [], len(COT_OPEN)
+        spans, pos = [], len(COT_OPEN)
         for line in example.cot.split("\n"):
-            if line.strip():  # a step: a non-blank line
-                step_lengths.append(max(1, bisect.bisect_left(starts, pos + len(line)) - bisect.bisect_left(starts, pos)))
+            if line.strip():
+                first = bisect.bisect_left(starts, pos)
+                spans.append((first, max(first + 1, bisect.bisect_left(starts, pos + len(line)))))
             pos += len(line) + 1
-        # [<think>], "\n" COT "\n", [</think>, "\n\n"]
-        return ids[:1], ids[1:close], ids[close:], step_lengths
+        return CotPieces(ids[:1], ids[1:close], ids[close:], spans)
 
     def random_trace(self, example, step_lengths: Sequence[int] | None = None) -> list[int]:
         """The round-1 trace of this example (the same whenever and wherever it is drawn)."""
         if step_lengths is None:
-            step_lengths = self.cot_pieces(example)[3]
+            step_lengths = self.cot_pieces(example).step_lengths
         return random_trace(step_lengths, self.vocab.abstract_ids, example_rng(self.config.seed, example.id),
                             self.config.m_max)
 
@@ -245,40 +258,40 @@ class SequenceBuilder:
         """CoT tokens that fit next to x, the think tags, a maximal trace and y."""
         return self.config.seq_len - len(x) - tags - (self.config.m_max + 2) - len(y)
 
-    def _fit_cot(self, pieces, x, y):
-        """(open, kept CoT ids, close, total CoT tokens), or a drop reason."""
-        open_, cot, close, _ = pieces
-        budget = self._cot_budget(x, len(open_) + len(close), y)
+    def _fit_cot(self, pieces: CotPieces, x, y) -> tuple[list[int] | None, str]:
+        """(the CoT ids kept, cut to fit if the policy allows, ""), or (None, why it is dropped)."""
+        cot = pieces.cot
+        budget = self._cot_budget(x, len(pieces.open) + len(pieces.close), y)
         if len(cot) <= budget:
-            return open_, cot, close, len(cot)
+            return cot, ""
         if budget < 1:
-            return "too_long"
+            return None, "too_long"
         if self.config.cut_policy == "drop":
-            return "cut_policy_drop"
-        return open_, cut_cot(cot, budget, self.config.cut_policy), close, len(cot)
+            return None, "cut_policy_drop"
+        return cut_cot(cot, budget, self.config.cut_policy), ""
 
     # -- public --
     def condition_ids(self, example) -> np.ndarray | None:
         """x; c (cut as Phase A will cut it): what a round >= 2 trace sampler conditions on,
         followed by `<beginabstract>`. None when the example would be dropped."""
         x, y = self.prompt_ids(example), self.answer_ids(example)
-        fitted = self._fit_cot(self.cot_pieces(example), x, y)
-        if isinstance(fitted, str):
+        pieces = self.cot_pieces(example)
+        cot, _ = self._fit_cot(pieces, x, y)
+        if cot is None:
             return None
-        open_, cot, close, _ = fitted
-        return np.asarray(x + open_ + cot + close + [self.vocab.begin_id], np.int32)
+        return np.asarray(x + pieces.open + cot + pieces.close + [self.vocab.begin_id], np.int32)
 
     def phase_a(self, example, trace: Sequence[int] | None = None) -> SequenceExample | None:
         """`[x; c; <beginabstract> z <endabstract>; y]`; trace None draws the round-1 random trace.
         Returns None (and counts why) when the example is dropped."""
         x, y = self.prompt_ids(example), self.answer_ids(example)
         pieces = self.cot_pieces(example)
-        z = self._trace_ids(example, trace, pieces[3])
-        fitted = self._fit_cot(pieces, x, y)
-        if isinstance(fitted, str):
-            self.report.dropped[fitted] += 1
+        z = self._trace_ids(example, trace, pieces.step_lengths)
+        cot, dropped = self._fit_cot(pieces, x, y)
+        if cot is None:
+            self.report.dropped[dropped] += 1
             return None
-        open_, cot, close, total = fitted
+        open_, close, total = pieces.open, pieces.close, len(pieces.cot)
         self.report.built += 1
         self.report.cut += len(cot) < total
         self.report.cot_tokens_total += total

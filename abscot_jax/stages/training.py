@@ -52,10 +52,11 @@ def verbal_example(builder, example):
     """[x; c y] with c and y trained (role ANSWER, plain causal): the verbal-CoT format.
     None when it does not fit seq_len."""
     x, y = builder.prompt_ids(example), builder.answer_ids(example)
-    open_, cot, close, _ = builder.cot_pieces(example)
-    if len(x) + len(open_) + len(cot) + len(close) + len(y) > builder.config.seq_len:
+    c = builder.cot_pieces(example)
+    cot = c.open + c.cot + c.close
+    if len(x) + len(cot) + len(y) > builder.config.seq_len:
         return None
-    return make_example([(x, Role.PROMPT), (open_ + cot + close + y, Role.ANSWER)], example_id=example.id, phase="verbal")
+    return make_example([(x, Role.PROMPT), (cot + y, Role.ANSWER)], example_id=example.id, phase="verbal")
 
 
 def train_phase(ctx: RunContext, t: int, phase: str) -> dict:
