@@ -56,7 +56,7 @@ def _residual_stream(model, batch, num_layers: int):
     """The residual stream after `num_layers` layers (0: the token embeddings)."""
     if num_layers == 0:  # hidden_states cannot stop before the first layer
         return model.embed_tokens(batch["tokens"])
-    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"],
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"],
                                     num_layers=num_layers)
     return hidden
 
@@ -67,7 +67,7 @@ def _answer_and_trace_logprobs(model, batch, chunk: int):
     inside the trace whose target is a trace token or `<endabstract>` (z given x and the forced
     `<beginabstract>`, whatever the loss mask says); 0 elsewhere. Two [B, T] arrays. Logits are
     made `chunk` tokens at a time (never [B, T, vocab] at once)."""
-    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"])
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"])
     b, t, d = hidden.shape
     n = b * t
     chunk = min(chunk, n)

@@ -1,8 +1,10 @@
 """Qwen3 decoder in Flax NNX.
 
-Layer weights are stacked along a leading `layers` axis and the forward runs `jax.lax.scan`
-over them: XLA compiles one layer body whatever the depth, so a 36-layer Qwen3-4B compiles
-about as fast as a 2-layer toy (a Python loop would unroll 36 copies into the graph).
+Layer weights are stacked along a leading `layers` axis and the training forward
+(`hidden_states`) runs `jax.lax.scan` over them: XLA compiles one layer body whatever the depth, so
+a 36-layer Qwen3-4B compiles about as fast as a 2-layer toy (a Python loop would unroll 36 copies
+into the graph). Generation (`decode`) runs the same layer (`decoder_layer`) unrolled over per-layer
+weights and KV-cache buffers, which its few rows per step make worth the longer compile.
 Each parameter carries its logical axes (`axes=`) which `abscot_jax.sharding` maps to mesh axes.
 """
 from __future__ import annotations
@@ -183,7 +185,7 @@ class Qwen3(nnx.Module):
 
     def layer_params_list(self) -> list[dict[str, jax.Array]]:
         """`layer_params()` split into one dict per layer, for generation. Compute it once, outside
-        a decode loop, and pass it as `hidden_states(layers=...)`: on CPU, XLA copies a stacked
+        a decode loop, and pass it as `decode(layers=...)`: on CPU, XLA copies a stacked
         weight's layer slice at every use (12 MB a layer of the bench model, every step); split
         once, the copies are made once (at the cost of a second copy of the layer weights).
         The kernels of each FUSED_PROJECTIONS group without LoRA are concatenated (key
@@ -225,97 +227,99 @@ class Qwen3(nnx.Module):
     # ---- forward ------------------------------------------------------------------------------
     def __call__(self, tokens, positions, segment_ids, roles) -> jax.Array:
         """Logits [B, T, vocab] (fp32) of a packed batch under the Abstract-CoT mask."""
-        hidden, _ = self.hidden_states(tokens, positions, segment_ids, roles)
-        return self.logits(hidden)
+        return self.logits(self.hidden_states(tokens, positions, segment_ids, roles))
 
-    def hidden_states(self, tokens, positions, segment_ids, roles=None, *, cache: KVCache | None = None,
-                      num_layers: int | None = None, dropout_key: jax.Array | None = None,
-                      layers: list[dict[str, jax.Array]] | None = None):
-        """Final-normed hidden states [B, T, hidden] and the updated cache.
-
-        Without a cache: one packed batch under the bottleneck mask (roles required).
-        With a cache: the tokens are appended at slots [cache.length, cache.length + T) and attend
-        causally to every valid slot (generation is causal; pads have segment id 0). The layers then
-        run unrolled, each on its own weights (`layers`, default `self.layer_params_list()`) and
-        cache buffers: no per-step copies of weight or cache slices (decode step 1.7x faster on CPU).
-        `num_layers` stops early and returns the un-normed residual stream after that many layers.
-        `dropout_key` turns on LoRA dropout (training only).
-        """
+    def hidden_states(self, tokens, positions, segment_ids, roles, *, num_layers: int | None = None,
+                      dropout_key: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states [B, T, hidden] of one packed batch under the bottleneck mask,
+        the layers scanned over their stacked weights. `num_layers` stops early and returns the
+        un-normed residual stream after that many layers. `dropout_key` turns on LoRA dropout
+        (training only)."""
         cfg = self.config
         x = constrain(self.embed_tokens(tokens), HIDDEN)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        params = self.layer_params()
-        if num_layers is not None:
-            params = jax.tree.map(lambda p: p[:num_layers], params)
-        use_dropout = dropout_key is not None and self.lora_dropout > 0
-        layer_keys = jax.random.split(dropout_key if use_dropout else jax.random.key(0), cfg.num_hidden_layers)
-        lora_scale, lora_dropout = self.lora_scale, self.lora_dropout
+        depth = cfg.num_hidden_layers if num_layers is None else num_layers
+        params = jax.tree.map(lambda w: w[:depth], self.layer_params())
+        dropout = self.lora_dropout if dropout_key is not None else 0.0
+        keys = jax.random.split(dropout_key if dropout > 0 else jax.random.key(0), cfg.num_hidden_layers)[:depth]
 
-        def project(h, p, name, key):
-            out = h @ p[name]
-            if f"{name}_lora_a" in p:
-                if use_dropout:
-                    keep = jax.random.bernoulli(jax.random.fold_in(key, list(PROJECTIONS).index(name)), 1 - lora_dropout, h.shape)
-                    h = jnp.where(keep, h / (1 - lora_dropout), 0).astype(h.dtype)
-                out = out + lora_delta(h, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora_scale)
-            return checkpoint_name(out, PROJECTION_OUT)
+        def attend(q, k, v):
+            return bottleneck_attention(q, k, v, segment_ids, roles, cfg.attention_impl), None
 
-        def project_all(h, p, names, key):
-            """project() of each of `names`; one matmul when `p` holds their concatenated kernel."""
-            if "+".join(names) not in p:
-                return [project(h, p, n, key) for n in names]
-            sizes = [projection_shapes(cfg)[n][1] for n in names]
-            return jnp.split(h @ p["+".join(names)], [sum(sizes[:i]) for i in range(1, len(sizes))], axis=-1)
-
-        if cache is None:
-            def attend(q, k, v, _):
-                return bottleneck_attention(q, k, v, segment_ids, roles, cfg.attention_impl), None
-        else:
-            t, max_len = tokens.shape[1], cache.valid.shape[1]
-            start = cache.length
-            valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, start))
-            query_slot = start + jnp.arange(t)
-            mask = valid[:, None, :] & (jnp.arange(max_len)[None, :] <= query_slot[:, None])[None]
-
-            def attend(q, k, v, layer_cache):
-                # In place: this layer's own buffers (k [B, KV, D, S], v [B, KV, S, D]) at slot `start`.
-                k_all, v_all = layer_cache
-                k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 3, 1), (0, 0, 0, start))
-                v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3), (0, 0, start, 0))
-                return cached_attention(q, k_all, v_all, mask), (k_all, v_all)
-
-        def layer(carry, scanned):
-            x, kv = carry
-            p, _, key = scanned
-            p = {name: gathered(w, layer_axes(name)) if layer_axes(name) else w for name, w in p.items()}
-            b, t, _ = x.shape
-            h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-            q, k, v = project_all(h, p, ("q_proj", "k_proj", "v_proj"), key)
-            q = constrain(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), ("batch", None, "heads", None))
-            k = constrain(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), ("batch", None, "kv_heads", None))
-            v = constrain(v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), ("batch", None, "kv_heads", None))
-            q = apply_rope(rms_norm(q, p["q_norm"], cfg.rms_norm_eps), cos, sin)
-            k = apply_rope(rms_norm(k, p["k_norm"], cfg.rms_norm_eps), cos, sin)
-            attn, kv = attend(q, k, v, kv)
-            attn = checkpoint_name(attn, ATTENTION_OUT)
-            x = x + project(constrain(attn.reshape(b, t, -1), ("batch", None, "heads")), p, "o_proj", key)
-            h = rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
-            gate, up = project_all(h, p, ("gate_proj", "up_proj"), key)
-            mlp = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
-            x = constrain(x + project(mlp, p, "down_proj", key), HIDDEN)
-            return (x, kv), None
+        def layer(x, scanned):
+            p, key = scanned
+            return decoder_layer(cfg, self.lora_scale, dropout, x, p, attend, cos, sin, key)[0], None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        depth = cfg.num_hidden_layers if num_layers is None else num_layers
-        new_cache = None
-        if cache is None:
-            (x, _), _ = jax.lax.scan(layer, (x, None), (params, jnp.arange(depth), layer_keys[:depth]))
-        else:
-            ks, vs = list(cache.k), list(cache.v)
-            for i, p in enumerate((self.layer_params_list() if layers is None else layers)[:depth]):
-                (x, (ks[i], vs[i])), _ = layer((x, (ks[i], vs[i])), (p, i, layer_keys[i]))
-            new_cache = KVCache(tuple(ks), tuple(vs), valid, cache.length + tokens.shape[1])
+        x, _ = jax.lax.scan(layer, x, (params, keys))
         if num_layers is not None:
-            return x, new_cache
-        return rms_norm(x, self.final_norm[...].astype(x.dtype), cfg.rms_norm_eps), new_cache
+            return x
+        return rms_norm(x, self.final_norm[...].astype(x.dtype), cfg.rms_norm_eps)
+
+    def decode(self, tokens, positions, segment_ids, cache: KVCache,
+               layers: list[dict[str, jax.Array]] | None = None) -> tuple[jax.Array, KVCache]:
+        """Generation: final-normed hidden states [B, T, hidden] of `tokens` appended at cache slots
+        [cache.length, cache.length + T), attending causally to every valid slot (pads have segment
+        id 0), and the updated cache. The layers run unrolled, each on its own weights (`layers`,
+        default `self.layer_params_list()`) and cache buffers: no per-step copies of weight or
+        cache slices (decode step 1.7x faster on CPU)."""
+        cfg = self.config
+        x = constrain(self.embed_tokens(tokens), HIDDEN)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        t, max_len = tokens.shape[1], cache.valid.shape[1]
+        start = cache.length
+        valid = jax.lax.dynamic_update_slice(cache.valid, segment_ids != 0, (0, start))
+        query_slot = start + jnp.arange(t)
+        mask = valid[:, None, :] & (jnp.arange(max_len)[None, :] <= query_slot[:, None])[None]
+        ks, vs = list(cache.k), list(cache.v)
+        for i, p in enumerate(self.layer_params_list() if layers is None else layers):
+            def attend(q, k, v, i=i):
+                # In place: this layer's own buffers (k [B, KV, D, S], v [B, KV, S, D]) at slot `start`.
+                k_all = jax.lax.dynamic_update_slice(ks[i], k.transpose(0, 2, 3, 1), (0, 0, 0, start))
+                v_all = jax.lax.dynamic_update_slice(vs[i], v.transpose(0, 2, 1, 3), (0, 0, start, 0))
+                return cached_attention(q, k_all, v_all, mask), (k_all, v_all)
+
+            x, (ks[i], vs[i]) = decoder_layer(cfg, self.lora_scale, 0.0, x, p, attend, cos, sin)
+        x = rms_norm(x, self.final_norm[...].astype(x.dtype), cfg.rms_norm_eps)
+        return x, KVCache(tuple(ks), tuple(vs), valid, cache.length + t)
+
+
+def project(h, p, name: str, lora_scale: float, dropout: float, key):
+    """h @ p[name], plus its LoRA delta when `p` has the adapters (inputs dropped out at `dropout`)."""
+    out = h @ p[name]
+    if f"{name}_lora_a" in p:
+        if dropout > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, list(PROJECTIONS).index(name)), 1 - dropout, h.shape)
+            h = jnp.where(keep, h / (1 - dropout), 0).astype(h.dtype)
+        out = out + lora_delta(h, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora_scale)
+    return checkpoint_name(out, PROJECTION_OUT)
+
+
+def decoder_layer(cfg: Qwen3Config, lora_scale: float, dropout: float, x, p: dict, attend, cos, sin, key=None):
+    """One decoder layer on x [B, T, hidden] with its weights `p`; `attend(q, k, v)` returns the
+    attention output [B, T, heads, head_dim] and what the caller keeps (a layer's cache). Returns
+    (x, that)."""
+    def project_all(h, names):
+        """project() of each of `names`; one matmul when `p` holds their concatenated kernel."""
+        if "+".join(names) not in p:
+            return [project(h, p, n, lora_scale, dropout, key) for n in names]
+        sizes = [projection_shapes(cfg)[n][1] for n in names]
+        return jnp.split(h @ p["+".join(names)], [sum(sizes[:i]) for i in range(1, len(sizes))], axis=-1)
+
+    p = {name: gathered(w, layer_axes(name)) if layer_axes(name) else w for name, w in p.items()}
+    b, t, _ = x.shape
+    h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+    q, k, v = project_all(h, ("q_proj", "k_proj", "v_proj"))
+    q = constrain(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), ("batch", None, "heads", None))
+    k = constrain(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), ("batch", None, "kv_heads", None))
+    v = constrain(v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), ("batch", None, "kv_heads", None))
+    q = apply_rope(rms_norm(q, p["q_norm"], cfg.rms_norm_eps), cos, sin)
+    k = apply_rope(rms_norm(k, p["k_norm"], cfg.rms_norm_eps), cos, sin)
+    attn, kept = attend(q, k, v)
+    attn = checkpoint_name(attn, ATTENTION_OUT)
+    x = x + project(constrain(attn.reshape(b, t, -1), ("batch", None, "heads")), p, "o_proj", lora_scale, dropout, key)
+    h = rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
+    gate, up = project_all(h, ("gate_proj", "up_proj"))
+    mlp = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+    return constrain(x + project(mlp, p, "down_proj", lora_scale, dropout, key), HIDDEN), kept

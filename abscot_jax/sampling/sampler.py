@@ -185,7 +185,7 @@ def _generate(graphdef, params, tokens, positions, segments, rows: Rows, *, max_
         stacked = model.layer_params()
         return [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(model.config.num_hidden_layers)]
 
-    hidden, cache = model.hidden_states(tokens, positions, segments, cache=cache, layers=layer_weights())
+    hidden, cache = model.decode(tokens, positions, segments, cache, layers=layer_weights())
     # Left padding puts every row's last prompt token in the last slot.
     state = decode_step(DecodeState.init(rows, max_new), model.logits(hidden[:, -1]), rows, trace)
     next_position = positions[:, -1] + 1
@@ -200,7 +200,7 @@ def _generate(graphdef, params, tokens, positions, segments, rows: Rows, *, max_
         last = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1, keepdims=True)
         # A done row keeps computing (static shapes); feed it a valid id, its output is ignored.
         position = (next_position + state.step - 1)[:, None]
-        hidden, cache = model.hidden_states(jnp.maximum(last, 0), position, ones, cache=cache, layers=layer_weights())
+        hidden, cache = model.decode(jnp.maximum(last, 0), position, ones, cache, layers=layer_weights())
         return decode_step(state, model.logits(hidden[:, 0]), rows, trace), cache
 
     state, _ = jax.lax.while_loop(running, one_token, (state, cache))

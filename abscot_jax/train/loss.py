@@ -76,7 +76,7 @@ def loss_sums(model, batch: dict, *, chunk: int = 1024, dropout_key=None) -> dic
     Returns sums (not means) so that micro-batches and devices combine exactly: the token-mean
     is `nll / weight` over everything that was summed.
     """
-    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"],
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], batch["roles"],
                                     dropout_key=dropout_key)
     weights = batch["loss_mask"].astype(jnp.float32)
     rows, length = weights.shape
