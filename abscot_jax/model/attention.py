@@ -86,7 +86,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 # Why a loop of small matmuls rather than a static schedule of big batched ones: a static
 # schedule can only skip what is empty in every row of the batch (on packed rows it computed ~83%
 # of the causal pairs, this loop ~40%), and measured 2-3x slower on CPU: skipping finely beats
-# bigger matmuls here (see docs/BENCHMARKS.md for block sizes). The loops are `fori_loop`s, so
+# bigger matmuls here (block sizes: docs/notes/2026-11-28-cpu-step-time.md). The loops are `fori_loop`s, so
 # the graph (and the compile time) does not grow with the sequence length.
 #
 # Layout: head-major, with the G query heads of a kv head folded into the rows: q is

@@ -72,8 +72,8 @@ class KernelConfig:
 
 
 def default_config(head_dim: int) -> KernelConfig:
-    """GPU defaults: 128 x 64 forward tiles (64 x 32 at head_dim 256, to bound registers), 64 x 64
-    backward tiles, 8 warps from head_dim 128 on."""
+    """GPU defaults: 64 x 64 tiles and 4 warps up to head_dim 128 (the H200 sweep,
+    docs/notes/2026-12-04-pallas-tile-sweep.md); at head_dim 256, 64 x 32 tiles and 8 warps to bound registers."""
     if head_dim <= 128:
         return KernelConfig(block_q=64)
     return KernelConfig(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32, num_warps=8, num_warps_bwd=8)
