@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         run = rounds.run(cfg, list(range(1, cfg.rounds + 1)))
         print((run.dir / "report.md").read_text())
 
-    return run_cli(demo, None, (*USER_ERRORS, rounds.RunError))
+    return run_cli(demo, None, (*USER_ERRORS, rounds.RunError), interrupt_line=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Offline fixtures: a byte-level BPE tokenizer with Qwen3's special tokens and chat template, and
-random Qwen3 checkpoints of any shape, saved with transformers. Used by the tests and the demo
+random Qwen3 checkpoints of any shape, written without torch. Used by the tests and the demo
 (no hub access anywhere)."""
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+INIT_STD = 0.02  # transformers' initializer_range for Qwen3
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 # Qwen2/3's pre-tokenisation: single digits, words with an optional leading non-letter, ...
@@ -105,37 +106,45 @@ def make_checkpoint(
     seed: int = 0,
     with_tokenizer: bool = True,
 ) -> Path:
-    """A random Qwen3 HF checkpoint (+ tokenizer). The embedding has `spare_rows` rows beyond the
-    tokenizer's vocabulary, as Qwen3's real checkpoints do, unless `vocab_size` is given."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """A random Qwen3 HF checkpoint (+ tokenizer) in `out_dir` (replaced if it exists), written by
+    this package's own safetensors writer: no torch needed. Weights are drawn as transformers
+    initialises Qwen3 (normal, std INIT_STD; the padding token's embedding row zero), norms as
+    1 + 0.1 * normal (not all ones, so that a swapped or missed norm shows in the logits). The
+    embedding has `spare_rows` rows beyond the tokenizer's vocabulary, as Qwen3's real
+    checkpoints do, unless `vocab_size` is given. One `model.safetensors` unless `max_shard_size`
+    asks for shards."""
+    import numpy as np
+
+    from abscot_jax.checkpoint.hf import INDEX_FILE, SINGLE_FILE, write_hf_dir
+    from abscot_jax.model.config import Qwen3Config
+    from abscot_jax.model.hf_names import hf_tensor_specs
 
     out_dir = Path(out_dir)
-    tokenizer = make_tokenizer(out_dir if with_tokenizer else None, vocab_size=tokenizer_vocab_size, seed=seed)
+    tokenizer = make_tokenizer(vocab_size=tokenizer_vocab_size, seed=seed)
     if vocab_size is None:
         vocab_size = len(tokenizer) + spare_rows
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim or hidden_size // num_attention_heads,
-        tie_word_embeddings=tie_word_embeddings,
-        rope_theta=rope_theta,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).to(getattr(torch, dtype))
-    # Random norm weights (not all ones) so that a swapped or missed norm shows in the logits.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(str(out_dir), **kwargs)
+    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                      num_key_value_heads=num_key_value_heads, head_dim=head_dim or hidden_size // num_attention_heads,
+                      tie_word_embeddings=tie_word_embeddings, rope_theta=rope_theta, max_position_embeddings=4096)
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = {"bos_token_id": None, "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"), "pad_token_id": pad_id}
+
+    def tensors():
+        for n, spec in enumerate(hf_tensor_specs(cfg)):
+            rng = np.random.default_rng([seed, n])  # each tensor its own stream: any order gives the same weights
+            if spec.param.endswith("norm"):
+                yield spec.hf_name, 1.0 + 0.1 * rng.standard_normal(spec.shape, np.float32)
+                continue
+            value = INIT_STD * rng.standard_normal(spec.shape, np.float32)
+            if spec.param == "embed":
+                value[pad_id] = 0.0
+            yield spec.hf_name, value
+
+    write_hf_dir(cfg, tensors(), out_dir, dtype=dtype, max_shard_size=max_shard_size or "1TB",
+                 base_config={**ids, "initializer_range": INIT_STD}, tokenizer=tokenizer if with_tokenizer else None,
+                 overwrite=True)
+    if max_shard_size is None:  # one file, as save_pretrained writes a small model
+        (out_dir / INDEX_FILE).unlink()
+        next(out_dir.glob("model-*.safetensors")).rename(out_dir / SINGLE_FILE)
     return out_dir

@@ -50,6 +50,7 @@ import yaml
 
 from abscot_jax.checkpoint import Interrupted
 from abscot_jax.config import RunConfig, to_dict
+from abscot_jax.progress import duration
 from abscot_jax.report import write_report
 from abscot_jax.trace_sources import trace_source, uses_jax_devices
 
@@ -290,6 +291,7 @@ def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Ledger:
         raise RunError(f"sampler.python={cfg.sampler.python!r} does not exist: give the Python of an environment "
                        "with vllm installed")
     ledger = Ledger(cfg)
+    start, done_before = time.perf_counter(), len(ledger.state["done"])
     handlers = {s: signal.signal(s, ledger.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for stage in setup_stages(cfg):
@@ -299,6 +301,11 @@ def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Ledger:
                 if stage.key.split("/")[1] in stages:
                     ledger.run(stage)
         ledger.report()
+        final = ledger.state["done"].get(f"round_{rounds[-1]}/eval") if rounds else None
+        result = (f"; round {rounds[-1]}: accuracy {final['accuracy']:.1%}, {final['mean_tokens'] or 0:.1f} tokens"
+                  if final and final.get("accuracy") is not None else "")
+        print(f"[{cfg.name}] done: {len(ledger.state['done']) - done_before} stage(s) run in "
+              f"{duration(time.perf_counter() - start)}, {done_before} done before{result}", flush=True)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)

@@ -23,6 +23,7 @@ from flax import nnx
 from abscot_jax.data.pipeline import first_fit_decreasing, pack_row
 from abscot_jax.data.sequences import SequenceExample, make_example
 from abscot_jax.model.attention import Role
+from abscot_jax.progress import Progress
 from abscot_jax.sampling.protocol import MAX_SEED, SamplingRequest
 from abscot_jax.train.loss import target_roles
 
@@ -108,6 +109,7 @@ def candidate_logliks(model, builder, pairs: Sequence[tuple[object, Sequence[int
     answer, trace = np.full(len(pairs), -np.inf), np.full(len(pairs), -np.inf)
     tokens = forwards = 0
     seq_len = builder.config.seq_len
+    bar = Progress("scoring candidates", len(fits), unit="candidates")
     for batch, placements in packed_batches([seqs[i] for i in fits], seq_len, rows):
         answer_logp, trace_logp = (np.asarray(a, np.float64) for a in _answer_and_trace_logprobs(model, batch, chunk))
         for j, row, start in placements:
@@ -116,6 +118,8 @@ def candidate_logliks(model, builder, pairs: Sequence[tuple[object, Sequence[int
             answer[i], trace[i] = answer_logp[row, span].sum(), trace_logp[row, span].sum()
         tokens += int((batch["segment_ids"] != 0).sum())
         forwards += 1
+        bar.update(len(placements))
+    bar.close(tokens=f"{tokens:,}", forwards=forwards, unscored=len(pairs) - len(fits) or None)
     return answer, trace, {"scoring_tokens": tokens, "scoring_forwards": forwards,
                            "scoring_padded_tokens": forwards * rows * seq_len, "unscored": len(pairs) - len(fits)}
 

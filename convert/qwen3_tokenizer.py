@@ -29,4 +29,4 @@ if __name__ == "__main__":
     from abscot_jax.checkpoint import USER_ERRORS, run_cli
     from abscot_jax.qwen3_tokenizer import TokenizerError
 
-    sys.exit(run_cli(main, user_errors=(*USER_ERRORS, TokenizerError)))
+    sys.exit(run_cli(main, user_errors=(*USER_ERRORS, TokenizerError), interrupt_line=True))

@@ -11,7 +11,7 @@ from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.lora import LoRAConfig, apply_lora, merge_lora
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.sharding import MeshConfig, make_mesh, state_shardings
-from abscot_jax.train.loss import loss_sums, mean_losses
+from abscot_jax.train.loss import loss_sums
 from abscot_jax.train.step import TrainStep, accumulated_grads, trainable_filter
 
 CFG = Qwen3Config(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import shlex
+import signal
 import sys
 
 from abscot_jax.checkpoint.hf import CheckpointError, iter_hf_tensors, load_hf, save_hf
@@ -33,21 +35,29 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
-def run_cli(main, argv=None, user_errors=USER_ERRORS) -> int:
+def run_cli(main, argv=None, user_errors=USER_ERRORS, *, interrupt_line: bool = False) -> int:
     """Run a command-line `main(argv)`; user errors print `error: ...` on stderr and exit 2, an
-    interruption prints `interrupted: ...` and exits 130 (SIGINT) or 143 (SIGTERM)."""
+    interruption prints `interrupted: ...` and exits 130 (Ctrl-C, SIGINT) or 143 (SIGTERM). A
+    `main` that returns an exit code has it returned. A Ctrl-C (KeyboardInterrupt) exits 130, with
+    the line only where `interrupt_line` says so: a stage process leaves it to its ledger, which
+    says where the run stopped and how to resume."""
     try:
-        main(argv)
+        code = main(argv)
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        if interrupt_line:  # the commands write their outputs under temporary names, renamed when complete
+            print(f"interrupted: {shlex.join(sys.orig_argv)} stopped before it finished; nothing half-written "
+                  "was left (outputs appear only when complete): rerun it to start again", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:
         message = user_error_message(e, user_errors)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 __all__ = [

@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from abscot_jax.progress import quiet_datasets
 from abscot_jax.qwen3_tokenizer import QWEN3_ADDED_TOKENS
 from abscot_jax.vocab import ABSTRACT_TOKENS, BEGIN_ABSTRACT, END_ABSTRACT
 
@@ -161,7 +162,8 @@ def load_rows(source: str | Path | list, *, split: str = "train", streaming: boo
     try:
         if files is None:
             return datasets.load_dataset(str(source), split=split, streaming=streaming)
-        return datasets.load_dataset(files[0], data_files=files[1], split="train", streaming=streaming)
+        with quiet_datasets():
+            return datasets.load_dataset(files[0], data_files=files[1], split="train", streaming=streaming)
     except Exception as e:  # noqa: BLE001 - many failure types; the user needs one line
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if e.__cause__ is not None and str(e.__cause__).strip():  # pyarrow's reason, e.g. the bad row

@@ -13,12 +13,15 @@ column, and the fix is to write every answer as a JSON string.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from abscot_jax.progress import quiet_datasets
 
 REQUIRED_FIELDS = ("problem", "answer")
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -126,7 +129,8 @@ def _load_rows(source: str, split: str, cache_dir: str | None):
         args = (source,)
         kwargs = dict(split=split)
     try:
-        return datasets.load_dataset(*args, cache_dir=cache_dir, **kwargs)
+        with quiet_datasets() if _is_local(source) else contextlib.nullcontext():
+            return datasets.load_dataset(*args, cache_dir=cache_dir, **kwargs)
     except Exception as e:  # one clear line instead of a datasets/pyarrow traceback
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if e.__cause__ is not None and str(e.__cause__).strip():

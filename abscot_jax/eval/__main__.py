@@ -109,6 +109,12 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from abscot_jax.checkpoint import run_cli  # Ctrl-C: one line, exit 130
+
+    return run_cli(run, argv, interrupt_line=True)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # XLA's per-call temporaries: see abscot_jax/hostmem.py
     try:
         a, cfg = parse_args(argv)

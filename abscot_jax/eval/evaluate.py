@@ -36,6 +36,7 @@ import collections
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import numpy as np
 from abscot_jax.data.sequences import COT_CLOSE, COT_OPEN, EVAL_SYSTEM_PROMPT, example_rng, render_prompt
 from abscot_jax.eval.grading import is_correct, last_boxed
 from abscot_jax.eval.stats import bootstrap_ci, distinct_count, length_histogram, pass_at_1, token_entropy
+from abscot_jax.progress import duration, labelled, say
 from abscot_jax.sampling.protocol import FINISH_REASONS, SamplingRequest
 
 MODES = ("abstract", "verbal", "direct")
@@ -143,7 +145,9 @@ def evaluate(engine, tokenizer, problems, *, mode: str, samples_per_problem: int
             else:
                 requests.append(SamplingRequest(**common, mode="verbal", temperature=0.0))
     requests[0].check()  # every request shares these settings: a bad one is the caller's error, raise it
-    results = run_engine(engine, requests)
+    started = time.monotonic()
+    with labelled(f"eval {mode}, sampling"):
+        results = run_engine(engine, requests)
 
     records = []
     for n, result in enumerate(results):
@@ -158,8 +162,13 @@ def evaluate(engine, tokenizer, problems, *, mode: str, samples_per_problem: int
             "finish_reason": result["finish_reason"], "error": result["error"],
         })
     if mode == "abstract" and diagnostics:
-        _run_trace_variants(engine, requests, records, vocab, max_new_tokens, seed)
+        with labelled(f"eval {mode}, random and shuffled traces"):
+            _run_trace_variants(engine, requests, records, vocab, max_new_tokens, seed)
     summary = summarize(records, k, abstract_ids=vocab.abstract_ids if vocab else None)
+    tokens = summary["mean_generated_tokens"]
+    say(f"eval {mode}: done, {len(problems)} problems x {k} in {duration(time.monotonic() - started)}; "
+        f"accuracy {summary['accuracy']:.1%}; mean generated tokens {'—' if tokens is None else f'{tokens:.1f}'}"
+        + (f"; errors {summary['errors']}" if summary["errors"] else ""))
     summary = {"dataset": dataset, "mode": mode, **summary, "settings": {
         "samples_per_problem": k, "m_min": m_min, "m_max": m_max, "trace_temperature": trace_temperature,
         "max_new_tokens": max_new_tokens, "seed": seed, "system": system, "direct_prefix":

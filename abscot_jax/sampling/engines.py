@@ -21,9 +21,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from abscot_jax.progress import Progress, current_label
 from abscot_jax.sampling.protocol import (
     RequestError, SamplingRequest, SamplingResult, make_result, new_token_limit, prompt_token_ids, read_requests,
     read_results, stop_ids, write_requests, write_results,
@@ -99,14 +101,40 @@ class _LocalEngine:
     def _generate(self, prompts, requests, limits) -> list[tuple[list[int], bool]]:
         raise NotImplementedError
 
+    def batch_size(self) -> int:
+        """Requests one `_generate` call runs together: the engine's batch (JaxEngine: its sampler's)."""
+        sampler = getattr(self, "sampler", None)
+        return getattr(sampler, "max_batch", None) or getattr(self, "max_batch", None) or 32
+
+    def _generate_in_batches(self, prompts, requests, limits) -> list:
+        """`_generate` one batch at a time, shortest prompts first (the batches the engines form
+        themselves), counting the finished requests in a progress line. After an error the
+        remaining requests fail with it, unrun (a failure such as running out of memory repeats)."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        outputs: list = [None] * len(prompts)
+        size, error = self.batch_size(), None
+        bar = Progress(current_label(), len(prompts), unit="requests")
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            if error is None:
+                try:
+                    done = self._generate([prompts[i] for i in chunk], [requests[i] for i in chunk],
+                                          [limits[i] for i in chunk])
+                except Exception as e:  # keep the results so far; fail the rest with the reason
+                    error = e
+            for i, output in zip(chunk, done if error is None else [error] * len(chunk)):
+                outputs[i] = output
+            bar.update(len(chunk))
+        failed = sum(isinstance(o, Exception) for o in outputs)
+        generated = sum(len(o[0]) for o in outputs if not isinstance(o, Exception))
+        bar.close(generated_tokens=f"{generated:,}", errors=failed or None)
+        return outputs
+
     def run_requests(self, requests: Sequence[SamplingRequest]) -> list[SamplingResult]:
         prep = prepare(requests, self.tokenizer, self.vocab_size, self.context, self.vocab)
         valid = [requests[i] for i in prep.index]
         if valid:
-            try:
-                outputs = self._generate(prep.prompts, valid, prep.limits)
-            except Exception as e:  # keep the error results of the others; fail these with the reason
-                outputs = [e] * len(valid)
+            outputs = self._generate_in_batches(prep.prompts, valid, prep.limits)
             eos = end_of_turn_id(self.tokenizer)
             begin = self.vocab.begin_id if self.vocab else None
             end = self.vocab.end_id if self.vocab else None
@@ -438,11 +466,17 @@ class SubprocessEngine:
         results: list[SamplingResult | None] = [r if isinstance(r, SamplingResult) else None for r in requests]
         todo = [i for i, r in enumerate(results) if r is None]
         shards = [(s, todo[s::self.shards]) for s in range(self.shards) if todo[s::self.shards]]
+        # The processes report nothing until they end: the progress line counts finished
+        # processes' requests, and shows the time so far while they run.
+        bar = Progress(f"{current_label()} ({self.engine}, {len(shards)} process{'es' * (len(shards) > 1)})",
+                       len(todo), unit="requests", every=0)
         with tempfile.TemporaryDirectory(prefix="abscot_sampling_") as tmp:
             started = [self._start(s, [requests[i] for i in index], Path(tmp)) for s, index in shards]
             for (_, index), run in zip(shards, started):  # all shards run at once; collect in turn
-                for i, result in zip(index, self._collect(*run, [requests[i].id for i in index])):
+                for i, result in zip(index, self._collect(*run, [requests[i].id for i in index], bar.update)):
                     results[i] = result
+                bar.update(len(index))
+        bar.close(errors=sum(results[i].finish_reason == "error" for i in todo) or None)
         return results
 
     def _start(self, shard: int, requests, tmp: Path):
@@ -461,13 +495,21 @@ class SubprocessEngine:
             proc = None
         return proc, out_path, log_path, log
 
-    def _collect(self, proc, out_path: Path, log_path: Path, log, ids: list[str]) -> list[SamplingResult]:
+    def _collect(self, proc, out_path: Path, log_path: Path, log, ids: list[str], tick) -> list[SamplingResult]:
+        """The results of one process, once it ends; `tick(0)` every second while it runs."""
         code = "an error"
-        try:
-            code = proc.wait(timeout=self.timeout_s) if proc else code
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = f"killed after {self.timeout_s} s"
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while proc is not None:
+            try:
+                code = proc.wait(timeout=1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    proc.kill()
+                    proc.wait()
+                    code = f"killed after {self.timeout_s} s"
+                    break
+                tick(0)
         log.close()
         got = {r.id: r for r in read_results(out_path)} if out_path.exists() else {}
         tail = " | ".join(log_path.read_text().strip().splitlines()[-5:])

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
             raise rounds.RunError(f"--round {args.round} is outside 1..{cfg.rounds} (config rounds={cfg.rounds})")
         rounds.run(cfg, which, tuple(args.stage) if args.stage else rounds.ROUND_STAGES)
 
-    return run_cli(train, None, (*USER_ERRORS, rounds.RunError))
+    return run_cli(train, None, (*USER_ERRORS, rounds.RunError), interrupt_line=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from flax import nnx
 from abscot_jax.config import RunConfig
 from abscot_jax.model.config import ConfigError
 from abscot_jax.data.pipeline import make_dataset
+from abscot_jax.progress import Progress
 from abscot_jax.train.flops import peak_tflops, throughput
 from abscot_jax.train.step import BATCH_KEYS, TrainStep, trainable_filter
 
@@ -136,49 +137,54 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
     peak = peak_tflops(jax.local_devices()[0].device_kind, t.peak_tflops_per_device)
     lora = (cfg.lora.rank, cfg.lora.targets) if t.mode == "lora" else (0, ())
 
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, desc=out_dir.name, leave=False)
-    for step in range(start, total_steps):
-        tick = time.perf_counter()
-        local = next(data_iter)
-        batch = _global_batch(local, t.grad_accum, mesh)
-        try:
-            metrics = {k: float(v) for k, v in trainer(batch).items()}
-        except jax.errors.JaxRuntimeError as e:
-            if jax.process_count() == 1:
-                raise
-            # A dead peer shows as a failed collective (e.g. "Connection reset by peer").
-            raise ProcessLost(
-                f"process {jax.process_index()}: step {step + 1} failed in a computation across the "
-                f"{jax.process_count()} processes ({str(e).splitlines()[0][:200]}); another process has most "
-                f"likely died, see its log. Restart all of them to resume; last checkpoint: "
-                f"{_last_checkpoint(manager, out_dir)}") from e
-        elapsed = time.perf_counter() - tick
-        if not math.isfinite(metrics["loss"]):
-            latest = _last_checkpoint(manager, out_dir)
-            manager.close()
-            raise TrainingDiverged(f"loss is {metrics['loss']} at step {step + 1}; stopped. Last good checkpoint: "
-                                   f"{latest}; lower optim.learning_rate or check the data")
-        record = {"step": step + 1, **metrics, "seconds": elapsed,
-                  **throughput(model.config, local, elapsed, peak, lora_rank=lora[0], lora_targets=lora[1])}
-        metrics_log.write(record)
-        if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps:
-            _save(manager, step + 1, saved_part(), data_iter)
-    if bar:
-        bar.close()
+    bar = Progress(phase_label(out_dir), total_steps, unit="steps", initial=start,
+                   enabled=progress and jax.process_index() == 0)
+    tokens = 0  # processed this attempt
+    try:
+        for step in range(start, total_steps):
+            tick = time.perf_counter()
+            local = next(data_iter)
+            batch = _global_batch(local, t.grad_accum, mesh)
+            try:
+                metrics = {k: float(v) for k, v in trainer(batch).items()}
+            except jax.errors.JaxRuntimeError as e:
+                if jax.process_count() == 1:
+                    raise
+                # A dead peer shows as a failed collective (e.g. "Connection reset by peer").
+                raise ProcessLost(
+                    f"process {jax.process_index()}: step {step + 1} failed in a computation across the "
+                    f"{jax.process_count()} processes ({str(e).splitlines()[0][:200]}); another process has most "
+                    f"likely died, see its log. Restart all of them to resume; last checkpoint: "
+                    f"{_last_checkpoint(manager, out_dir)}") from e
+            elapsed = time.perf_counter() - tick
+            if not math.isfinite(metrics["loss"]):
+                latest = _last_checkpoint(manager, out_dir)
+                manager.close()
+                raise TrainingDiverged(f"loss is {metrics['loss']} at step {step + 1}; stopped. Last good checkpoint: "
+                                       f"{latest}; lower optim.learning_rate or check the data")
+            record = {"step": step + 1, **metrics, "seconds": elapsed,
+                      **throughput(model.config, local, elapsed, peak, lora_rank=lora[0], lora_targets=lora[1])}
+            metrics_log.write(record)
+            tokens += record["processed_tokens"]
+            bar.update(1, loss=metrics["loss"], **{"tokens/s": f"{record['tokens_per_s']:,.0f}"})
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps:
+                _save(manager, step + 1, saved_part(), data_iter)
+    except BaseException:
+        bar.close(summary=False)  # the error says where it stopped
+        raise
     metrics_log.close()
     manager.close()
     first, last = (metrics_log.records[0], metrics_log.records[-1]) if metrics_log.records else ({}, {})
+    bar.close(tokens=f"{tokens:,}", loss=f"{first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}")
     summary = {"steps": total_steps, "resumed_from": start, "first_loss": first.get("loss"),
                "final_loss": last.get("loss"), "final_trace_loss": last.get("trace_loss"),
                "final_answer_loss": last.get("answer_loss")}
     return trainer.model(), summary
+
+
+def phase_label(out_dir: Path) -> str:
+    """What the progress lines call a phase: `round_1/phase_a`, or `warmup` (it trains in warmup/phase)."""
+    return out_dir.parent.name if out_dir.name == "phase" else f"{out_dir.parent.name}/{out_dir.name}"
 
 
 def _last_checkpoint(manager, out_dir: Path) -> str:
