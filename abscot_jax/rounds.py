@@ -127,12 +127,17 @@ def host_index() -> int:
     return int(os.environ.get("ABSCOT_PROCESS_ID") or os.environ.get("SLURM_PROCID") or 0)
 
 
+def replace_json(path: Path, data) -> None:
+    """Write under a temporary name, then rename: the file is whole or absent."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, data) -> None:
-    """Host 0 writes (under a temporary name, then renamed); the others keep theirs in memory."""
+    """Host 0 writes; the others keep theirs in memory."""
     if host_index() == 0:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        replace_json(path, data)
 
 
 def code_version() -> str:

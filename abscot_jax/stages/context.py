@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import jax
 from abscot_jax.config import RunConfig
 from abscot_jax.data.dolci import load_dolci
 from abscot_jax.data.sequences import SequenceBuilder
-from abscot_jax.rounds import RunError
+from abscot_jax.rounds import RunError, replace_json
 from abscot_jax.sampling.engines import HFEngine, JaxEngine, VllmOptions, vllm_engine
 from abscot_jax.sharding import sync_processes
 
@@ -22,9 +21,7 @@ log = logging.getLogger(__name__)
 def write_json_atomic(path: Path, data) -> None:
     """Every process calls it with the same data; process 0 writes, the others wait until it has."""
     if jax.process_index() == 0:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        replace_json(path, data)
     sync_processes(f"write {path}")
 
 
