@@ -15,11 +15,13 @@ from pathlib import Path
 import yaml
 
 from abscot_jax.data.sequences import BuildConfig
+from abscot_jax.errors import ConfigError
 from abscot_jax.layouts import LAYOUTS
-from abscot_jax.model.config import REMAT_POLICIES, ConfigError
+from abscot_jax.model.config import REMAT_POLICIES
 from abscot_jax.model.lora import LoRAConfig
+from abscot_jax.rl import DATA_FORMATS, MODES as RL_MODES, REWARDS
 from abscot_jax.sharding import MeshConfig
-from abscot_jax.trace_sources import ROUND1_SOURCES, SELECTIONS
+from abscot_jax.trace_sources import PHASE_B_SOURCES, ROUND1_SOURCES, SELECTIONS
 
 
 @dataclasses.dataclass
@@ -61,6 +63,7 @@ class TrainSection:
     batch_size: int = 4  # packed rows per optimizer step and micro-batch (global)
     grad_accum: int = 1
     epochs: int = 1
+    phase_b_epochs: int = 0  # Phase B's epochs (each curriculum sub-phase's); 0 = epochs
     max_steps: int = 0  # 0 = run the epochs through
     seed: int = 0
     loss_chunk: int = 1024  # tokens per chunk of the cross-entropy (never the full [B, T, V] logits)
@@ -123,7 +126,52 @@ class VariantsSection:
     round1_traces: str = "random"  # random (the paper's rule) | cot_codes (k-means codes of the CoT steps)
     code_layer: int = -1  # cot_codes: layer of the step hidden states (-1 = middle, 0 = embeddings)
     codes_per_step: int = 1  # cot_codes: residual-quantisation levels (tokens per step)
+    # cot_codes: the last abstract token after each step's codes (the codebook uses the other 63), so
+    # steps sit at the same relative positions as in the verbal CoT, where a newline follows each step
+    step_separator: bool = False
     trace_prior_weight: float = 0.0  # best_of_k: score = log p(y | x, z) + this * log p(z | x)
+    # Phase B's traces (the M-step's targets): sampled (the paper: z ~ p_A(z | x)) | cot_codes (the
+    # round's codebook applied to the Phase B split's own CoT) | posterior (z ~ p_A(z | x, c))
+    phase_b_traces: str = "sampled"
+    posterior_temperature: float = 1.0  # posterior: sampling temperature of z given (x, c)
+    trace_source: str = "rules"  # rules (the sources above) | pause (one repeated abstract token, every phase)
+    # stepwise: no Phase A; Phase B trains from the previous round's model in curriculum_stages
+    # sub-phases, sub-phase s replacing the first ceil(s * n / S) of a CoT's n steps by their codes
+    # (curriculum_fill=codes) or removing them (none); the last sub-phase is Phase B's [x; z; y]
+    curriculum: str = "none"  # none | stepwise
+    curriculum_fill: str = "codes"  # codes | none
+    curriculum_stages: int = 4
+
+
+@dataclasses.dataclass
+class RLSection:
+    """GRPO after the warm-up (abscot_jax/rl): the ledger's `rl` stage, RUN/rl/."""
+    enabled: bool = False  # run the rl stage and rl_eval after the last round (`--stage rl` runs them either way)
+    # abstract: constrained trace then answer, from the last round's model | verbal: the verbal-CoT
+    # model (warm-up) with RL, the paper's SFT + RL baseline
+    mode: str = "abstract"
+    reward: str = "math_verify"  # math_verify | toy | judge (abscot_jax/rl/rewards.py)
+    data: str = ""  # prompts with gold answers ("" = data.train); never the evaluation set's problems
+    data_format: str = "dolci"  # dolci (Dolci-Think rows, gold = last \boxed{} of the answer) | math (problem, answer)
+    prompts_per_step: int = 16
+    rollouts_per_prompt: int = 8  # K, the group each reward is normalised in
+    steps: int = 100
+    updates_per_step: int = 1  # optimizer steps on each step's rollouts (> 1: the clipping acts)
+    learning_rate: float = 1e-6  # the optim section's schedule and AdamW settings otherwise
+    clip_eps: float = 0.2
+    kl_weight: float = 0.04  # per-token k3 KL to the reference (LoRA: adapters off; full: the starting weights)
+    length_penalty: float = 0.0  # reward - length_penalty * generated tokens / max_new_tokens
+    temperature: float = 1.0  # sampling, trace and answer
+    max_new_tokens: int = 1024  # per rollout: delimiters, trace, answer and stop token
+    # Longest prompt kept (0: train.seq_len - max_new_tokens); the memory plan sizes the sampler for it.
+    max_prompt_tokens: int = 0
+    rollout_batch: int = 64  # rollouts the sampler generates together
+    checkpoint_every: int = 10
+    judge_url: str = ""  # the judge's OpenAI-compatible endpoint, e.g. http://host:8000/v1/chat/completions
+    judge_model: str = ""
+    judge_timeout: float = 60.0  # seconds per call
+    judge_retries: int = 2  # further attempts after a failed call; a rollout whose calls all fail is dropped
+    judge_concurrency: int = 8  # calls in flight
 
 
 @dataclasses.dataclass
@@ -140,6 +188,12 @@ class RunConfig:
     sampler: SamplerSection = dataclasses.field(default_factory=SamplerSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     variants: VariantsSection = dataclasses.field(default_factory=VariantsSection)
+    rl: RLSection = dataclasses.field(default_factory=RLSection)
+
+    def rl_prompt_limit(self) -> int:
+        """The longest RL prompt kept: rl.max_prompt_tokens, within train.seq_len - rl.max_new_tokens."""
+        room = self.train.seq_len - self.rl.max_new_tokens
+        return min(self.rl.max_prompt_tokens, room) if self.rl.max_prompt_tokens else room
 
     def build_config(self) -> BuildConfig:
         """The sequence builder's settings, from the train and data sections."""
@@ -154,6 +208,8 @@ class RunConfig:
             (self.train.seq_len >= 16, "train.seq_len must be >= 16"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (self.train.epochs >= 1 and self.train.phase_b_epochs >= 0,
+             "train.epochs must be >= 1 and train.phase_b_epochs >= 0 (0: train.epochs)"),
             (self.train.loss_chunk >= 1, "train.loss_chunk must be >= 1"),
             (0 < self.train.device_memory_fraction <= 1, "train.device_memory_fraction must be in (0, 1]"),
             (self.model.remat in REMAT_POLICIES, f"model.remat must be one of {', '.join(REMAT_POLICIES)}"),
@@ -166,6 +222,8 @@ class RunConfig:
              "sampler.engine=vllm needs sampler.python: the Python of an environment with vllm installed"),
             (set(self.eval.baselines) <= {"verbal", "direct"}, "eval.baselines: a list of 'verbal' and 'direct'"),
             (0 <= self.eval.max_error_fraction <= 1, "eval.max_error_fraction must be in [0, 1]"),
+            (self.eval.m_min <= self.data.m_max, "eval.m_min must be <= data.m_max: an evaluation trace (and an "
+             "abstract rl rollout's) has m_min to m_max abstract tokens"),
             (0 < self.sampler.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization must be in (0, 1]"),
             (self.sampler.dtype in ("auto", "bfloat16", "float16", "float32"),
              "sampler.dtype must be auto, bfloat16, float16 or float32"),
@@ -177,14 +235,49 @@ class RunConfig:
             (v.trace_prior_weight >= 0, "variants.trace_prior_weight must be >= 0"),
             (v.round1_traces in ROUND1_SOURCES, f"variants.round1_traces must be one of {', '.join(ROUND1_SOURCES)}"),
             (v.code_layer >= -1, "variants.code_layer must be -1 (middle layer) or a layer number >= 0"),
-            (1 <= v.codes_per_step <= self.data.m_max, "variants.codes_per_step must be in [1, data.m_max]"),
+            (1 <= v.codes_per_step + v.step_separator <= self.data.m_max,
+             "variants.codes_per_step (+1 with step_separator) must be in [1, data.m_max]"),
+            (v.phase_b_traces in PHASE_B_SOURCES, f"variants.phase_b_traces must be one of {', '.join(PHASE_B_SOURCES)}"),
+            (not v.select_phase_b or v.phase_b_traces == "sampled",
+             "variants.select_phase_b selects among sampled traces: it needs variants.phase_b_traces=sampled"),
+            (v.posterior_temperature > 0, "variants.posterior_temperature must be > 0"),
+            (v.trace_source in ("rules", "pause"), "variants.trace_source must be 'rules' or 'pause'"),
+            (v.curriculum in ("none", "stepwise"), "variants.curriculum must be 'none' or 'stepwise'"),
+            (v.curriculum_fill in ("codes", "none"), "variants.curriculum_fill must be 'codes' or 'none'"),
+            (v.curriculum_stages >= 1, "variants.curriculum_stages must be >= 1"),
+            (v.curriculum == "none" or (v.trace_source == "rules" and v.trace_selection == "none"),
+             "variants.curriculum=stepwise replaces the CoT steps by their codes: it takes no "
+             "trace_source=pause or trace_selection"),
             (v.bottleneck != "two_pass" or self.train.loss_on_trace,
              "variants.bottleneck=two_pass trains z in its trace pass: it needs train.loss_on_trace=true"),
+            *self.rl_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+    def rl_checks(self) -> list[tuple[bool, str]]:
+        r = self.rl
+        return [
+            (r.mode in RL_MODES, f"rl.mode must be one of {', '.join(RL_MODES)}"),
+            (r.reward in REWARDS, f"rl.reward={r.reward!r} is not a reward; use one of {', '.join(REWARDS)}"),
+            (r.data_format in DATA_FORMATS, f"rl.data_format must be one of {', '.join(DATA_FORMATS)}"),
+            (r.rollouts_per_prompt >= 2, f"rl.rollouts_per_prompt={r.rollouts_per_prompt} gives no group: GRPO "
+             "normalises each reward within the K rollouts of its prompt; set it to 2 or more"),
+            (min(r.prompts_per_step, r.steps, r.updates_per_step, r.max_new_tokens, r.rollout_batch,
+                 r.checkpoint_every, r.judge_concurrency) >= 1,
+             "rl.prompts_per_step, steps, updates_per_step, max_new_tokens, rollout_batch, checkpoint_every and "
+             "judge_concurrency must be >= 1"),
+            (r.learning_rate > 0 and r.temperature > 0, "rl.learning_rate and rl.temperature must be > 0"),
+            (r.max_prompt_tokens >= 0, "rl.max_prompt_tokens must be >= 0 (0: train.seq_len - rl.max_new_tokens)"),
+            (0 < r.clip_eps < 1, "rl.clip_eps must be in (0, 1)"),
+            (r.kl_weight >= 0 and r.length_penalty >= 0, "rl.kl_weight and rl.length_penalty must be >= 0"),
+            (r.judge_timeout > 0 and r.judge_retries >= 0, "rl.judge_timeout must be > 0 and rl.judge_retries >= 0"),
+            (r.reward != "judge" or bool(r.judge_url and r.judge_model),
+             "rl.reward=judge needs rl.judge_url (an OpenAI-compatible .../v1/chat/completions address) and "
+             "rl.judge_model"),
+        ]
 
 
 def _closest(key: str, valid, prefix: str = "") -> str:

@@ -28,6 +28,8 @@ DEMO_SETTINGS = {
              "system": "Please reason step by step, and put your final answer within \\boxed{}."},
     "sampler": {"engine": "jax", "max_batch": 64, "trace_temperature": 1.0},
     "eval": {"limit": 100, "m_min": 4, "max_new_tokens": 64, "baselines": ["verbal", "direct"]},
+    "rl": {"enabled": False, "mode": "abstract", "reward": "toy", "prompts_per_step": 8, "rollouts_per_prompt": 8,
+           "steps": 20, "learning_rate": 1e-4, "max_new_tokens": 64, "rollout_batch": 64, "checkpoint_every": 10},
 }
 # Shape of the tiny model and of the toy task. RoPE base 10,000 (not Qwen3's 1,000,000) and an
 # untied head: from scratch, with Qwen3's 1e6 base and a head tied to a 640-row embedding, the
@@ -53,9 +55,9 @@ def demo_config(overrides=()):
         Path(f.name).unlink()
 
 
-def prepare_inputs(cfg, where: Path) -> None:
-    """Write the tiny starting model (unless there) and the toy data under `where`, and point
-    `cfg` (model.hf_dir, data.train, data.eval) at them."""
+def prepare_inputs(cfg, where: Path, train_size: int = TOY_TASK["train_size"]) -> None:
+    """Write the tiny starting model (unless there) and the toy data (`train_size` training rows)
+    under `where`, and point `cfg` (model.hf_dir, data.train, data.eval) at them."""
     from abscot_jax.data.toy import write_toy_data
     from abscot_jax.fixtures import make_checkpoint
 
@@ -63,7 +65,7 @@ def prepare_inputs(cfg, where: Path) -> None:
     if not (fixture / "config.json").exists():
         print(f"building the tiny tokenizer and a random Qwen3 in {fixture}", flush=True)
         make_checkpoint(fixture, seed=cfg.train.seed, **TINY_MODEL)
-    train_file, eval_file = write_toy_data(where / "data", seed=cfg.train.seed, **TOY_TASK)
+    train_file, eval_file = write_toy_data(where / "data", seed=cfg.train.seed, **{**TOY_TASK, "train_size": train_size})
     cfg.model.hf_dir = str(fixture)
     cfg.data.train = str(train_file)
     cfg.data.eval = str(eval_file)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from abscot_jax import rounds
-    from abscot_jax.checkpoint import USER_ERRORS, run_cli
+    from abscot_jax.errors import USER_ERRORS, RunError, run_cli
 
     def demo(_):
         cfg = demo_config(args.set)
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         run = rounds.run(cfg, list(range(1, cfg.rounds + 1)))
         print((run.dir / "report.md").read_text())
 
-    return run_cli(demo, None, (*USER_ERRORS, rounds.RunError), interrupt_line=True)
+    return run_cli(demo, None, (*USER_ERRORS, RunError), interrupt_line=True)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def make_checkpoint(
     asks for shards."""
     import numpy as np
 
-    from abscot_jax.checkpoint.hf import INDEX_FILE, SINGLE_FILE, write_hf_dir
+    from abscot_jax.checkpoint.hf import write_hf_dir
+    from abscot_jax.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE
     from abscot_jax.model.config import Qwen3Config
     from abscot_jax.model.hf_names import hf_tensor_specs
 

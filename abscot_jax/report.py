@@ -8,9 +8,10 @@ Reads (every piece optional; what is missing shows as "—"):
     RUN/round_T/phase_a/metrics.jsonl       one JSON a step: step, loss, trace_loss, answer_loss, ...
     RUN/round_T/phase_b/metrics.jsonl
     RUN/round_T/eval/summary.json
+    RUN/rl/metrics.jsonl, RUN/rl/eval/summary.json   the rl stage's steps and its model's evaluation
 
-Writes RUN/report.md, RUN/loss_curves.png and RUN/accuracy_vs_tokens.png (each under a temporary
-name, then renamed). Rounds are those with a round_T directory and 1..config.rounds. Accuracies
+Writes RUN/report.md, RUN/loss_curves.png and RUN/accuracy_vs_tokens.png (and, for a run with an
+rl stage, RUN/rl_curves.png), each under a temporary name, then renamed. Rounds are those with a round_T directory and 1..config.rounds. Accuracies
 are percentages throughout; where the task defines a chance level (the toy task's one-digit
 answers) the report states it and the accuracy plot draws it.
 """
@@ -22,10 +23,12 @@ import os
 import re
 from pathlib import Path
 
+from abscot_jax.rl.curves import read_steps, rl_figure
+
 DASH = "—"
 PHASES = ("a", "b")
 BASELINES = (("verbal", "Baseline (verbal CoT)"), ("direct", "Direct answer (CoT closed empty)"))
-LOSS_PLOT, ACCURACY_PLOT = "loss_curves.png", "accuracy_vs_tokens.png"
+LOSS_PLOT, ACCURACY_PLOT, RL_PLOT = "loss_curves.png", "accuracy_vs_tokens.png", "rl_curves.png"
 MATH500_HUB_ID = "HuggingFaceH4/MATH-500"
 # Chance accuracy of the tasks that define one, by the subject their evaluation problems carry:
 # the toy task (abscot_jax/data/toy.py) answers with one digit, 0-9.
@@ -93,12 +96,27 @@ def load_run(run_dir: str | Path) -> dict:
                      "losses": {ph: _read_metrics(rd / f"phase_{ph}" / "metrics.jsonl", problems) for ph in PHASES}}
     config = (state or {}).get("config")
     config = config if isinstance(config, dict) else {}
+    rl = ((state or {}).get("done") or {}).get("rl")  # what the rl stage returned (abscot_jax/stages/rl.py)
     return {"name": config.get("name") or run_dir.name, "baselines": baselines, "rounds": rounds,
-            "problems": problems, "eval_data": (config.get("data") or {}).get("eval")}
+            "problems": problems, "eval_data": (config.get("data") or {}).get("eval"),
+            "rl": rl if isinstance(rl, dict) else None,
+            "rl_steps": read_steps(run_dir / "rl" / "metrics.jsonl", problems),
+            "rl_eval": _read_json(run_dir / "rl" / "eval" / "summary.json", problems)}
+
+
+def has_rl(run: dict) -> bool:
+    """Whether the run has an rl stage to show (finished, or with steps or an evaluation written)."""
+    return bool(run["rl"] or run["rl_eval"] or any(run["rl_steps"].values()))
+
+
+def rl_label(run: dict) -> str:
+    """"RL (abstract)": the rl stage's model, in the mode its evaluation ran in."""
+    return f"RL ({(run['rl_eval'] or run['rl'] or {}).get('mode', DASH)})"
 
 
 def _summaries(run: dict) -> list[dict]:
-    return [s for s in run["baselines"].values() if s] + [r["eval"] for r in run["rounds"].values() if r["eval"]]
+    return ([s for s in run["baselines"].values() if s] + [r["eval"] for r in run["rounds"].values() if r["eval"]]
+            + ([run["rl_eval"]] if run["rl_eval"] else []))
 
 
 def dataset_label(run: dict) -> str:
@@ -237,6 +255,9 @@ def render_markdown(run: dict) -> str:
     for t, r in run["rounds"].items():
         out.append(f"| Round {t} (abstract) | {fmt_accuracy(r['eval'])} | "
                    f"{fmt_number((r['eval'] or {}).get('mean_generated_tokens'))} |")
+    if run["rl_eval"]:
+        out.append(f"| {rl_label(run)} | {fmt_accuracy(run['rl_eval'])} | "
+                   f"{fmt_number(run['rl_eval'].get('mean_generated_tokens'))} |")
     out += ["", "Accuracy: mean over problems (and samples) with the 95% bootstrap CI over problems. Mean tokens: "
             "everything generated (trace and its delimiters, answer, end of turn)."
             + (f" Chance: {fmt_percent(chance[0])} ({chance[1]})." if chance else ""), ""]
@@ -249,6 +270,9 @@ def render_markdown(run: dict) -> str:
         d = (r["eval"] or {}).get("diagnostics")
         cells = diagnostics_cells(d) + [verdict_headline(d.get("verdict")) if isinstance(d, dict) else DASH]
         out.append(f"| {t} | " + " | ".join(cells) + " |")
+    d = (run["rl_eval"] or {}).get("diagnostics")
+    if isinstance(d, dict):
+        out.append("| RL | " + " | ".join(diagnostics_cells(d) + [verdict_headline(d.get("verdict"))]) + " |")
     out += ["", *reading_guide(chance)]
 
     out += ["## Training loss (first and last step)", "",
@@ -259,6 +283,19 @@ def render_markdown(run: dict) -> str:
             points = r["losses"][ph]
             cells += [fmt_number(points[0][1], ".4f"), fmt_number(points[-1][1], ".4f")] if points else [DASH, DASH]
         out.append(f"| {t} | " + " | ".join(cells) + " |")
+
+    if has_rl(run):
+        rl = run["rl"] or {}
+        out += ["", "## RL (GRPO, first and last step)", "",
+                "| Mode | Reward | Steps | Mean reward | Accuracy of the rollouts | KL at the end |", "|---|---|---|---|---|---|",
+                f"| {rl.get('mode', DASH)} | {rl.get('reward', DASH)} | {rl.get('steps', DASH)} | "
+                f"{fmt_number(rl.get('first_reward'), '.4f')} -> {fmt_number(rl.get('final_reward'), '.4f')} | "
+                f"{fmt_percent(rl.get('first_accuracy'))} -> {fmt_percent(rl.get('final_accuracy'))} | "
+                f"{fmt_number(rl.get('final_kl'), '.4g')} |", "",
+                f"Held-out evaluation of the RL model (rl_eval): {fmt_accuracy(run['rl_eval'])}, mean tokens "
+                f"{fmt_number((run['rl_eval'] or {}).get('mean_generated_tokens'))}; its trace diagnostics are the "
+                "RL row above. Per step: reward, accuracy of the rollouts, KL to the reference and trace length.", "",
+                f"![RL per step]({RL_PLOT})"]
 
     out += ["", "## Trace lengths", ""]
     for t, r in run["rounds"].items():
@@ -319,6 +356,7 @@ def accuracy_figure(run: dict):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     labelled = [(label, point(run["baselines"][mode])) for mode, label in BASELINES]
     labelled += [(f"round {t}", point(r["eval"])) for t, r in run["rounds"].items()]
+    labelled.append((rl_label(run), point(run["rl_eval"])))
     drawn = [(label, p) for label, p in labelled if p is not None]
     labels = []
     for label, (tokens, acc, ci) in drawn:
@@ -369,6 +407,14 @@ def plot_accuracy_vs_tokens(run: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_rl(run: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = rl_figure(run["rl_steps"], as_number((run["rl_eval"] or {}).get("accuracy")))
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report.md and the PNG plots; returns the report's path."""
     run_dir = Path(run_dir)
@@ -377,6 +423,8 @@ def write_report(run_dir: str | Path) -> Path:
     run = load_run(run_dir)
     plot_losses(run, run_dir / LOSS_PLOT)
     plot_accuracy_vs_tokens(run, run_dir / ACCURACY_PLOT)
+    if has_rl(run):
+        plot_rl(run, run_dir / RL_PLOT)
     path = run_dir / "report.md"
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(render_markdown(run))

@@ -18,6 +18,7 @@ process never starts a JAX backend, and an out-of-process engine (vLLM) finds th
         traces_b.json            z for Phase B (this round's Phase A model on x)
         phase_b/, model_b/
         eval/                    results.jsonl, summary.json
+      rl/ (optional)             GRPO: checkpoints/, metrics.jsonl, tensorboard/, model/ (HF), eval/
       xla_cache/                 compiled programs, shared by the stage processes
       stage_results/             what each stage process returned (every host's ledger reads it)
       report.md, *.png
@@ -48,18 +49,17 @@ from importlib.metadata import version
 
 import yaml
 
-from abscot_jax.checkpoint import Interrupted
 from abscot_jax.config import RunConfig, to_dict
+from abscot_jax.errors import Interrupted, RunError
 from abscot_jax.progress import duration
 from abscot_jax.report import write_report
 from abscot_jax.trace_sources import trace_source, uses_jax_devices
 
 
-class RunError(ValueError):
-    """A run that cannot proceed as configured; the message says what to do."""
-
-
 ROUND_STAGES = ("traces_a", "phase_a", "traces_b", "phase_b", "eval")
+RL_STAGE = "rl"  # after the last round (rl.enabled), or alone: `--stage rl`
+RL_EVAL_STAGE = "rl_eval"  # the rl stage's model on the evaluation set: after rl, or alone (`--stage rl_eval`)
+RL_STAGES = (RL_STAGE, RL_EVAL_STAGE)
 # How a stage process is started (followed by RUN_DIR KEY); tests start a fault-injecting wrapper.
 STAGE_COMMAND = [sys.executable, "-m", "abscot_jax.stages"]
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal for the child when its parent dies
@@ -84,6 +84,21 @@ def final_model(cfg: RunConfig, t: int) -> str:
     return f"round_{t}/model_b" if t > 0 else start_model(cfg)
 
 
+def phase_start(cfg: RunConfig, t: int, phase: str) -> str:
+    """The model round t's Phase `phase` trains from: Phase A from the previous round's final model,
+    Phase B from this round's Phase A model (the stepwise curriculum has no Phase A)."""
+    if phase == "a" or cfg.variants.curriculum == "stepwise":
+        return final_model(cfg, t - 1)
+    return f"round_{t}/model_a"
+
+
+def trace_source_reads(cfg: RunConfig, source: str, t: int, phase: str) -> str:
+    """The model directory a trace source reads (the rules need only the tokenizer, in base/)."""
+    if source in ("random", "pause"):
+        return "base"
+    return start_model(cfg) if source == "cot_codes" else phase_start(cfg, t, phase)
+
+
 def setup_stages(cfg: RunConfig) -> list[Stage]:
     external = cfg.sampler.engine != "jax"
     stages = [Stage("prepare_base", "prepare_base", {}, (), ("base",))]
@@ -98,10 +113,10 @@ def setup_stages(cfg: RunConfig) -> list[Stage]:
 def round_stages(cfg: RunConfig, t: int) -> list[Stage]:
     rd = f"round_{t}"
     stages = []
-    for phase, init in (("a", final_model(cfg, t - 1)), ("b", f"{rd}/model_a")):
-        source = trace_source(cfg.variants, t, phase)
+    for phase in ("b",) if cfg.variants.curriculum == "stepwise" else ("a", "b"):
+        source, init = trace_source(cfg.variants, t, phase), phase_start(cfg, t, phase)
         stages += [Stage(f"{rd}/traces_{phase}", "traces", {"t": t, "phase": phase, "source": source},
-                         ("base" if source == "random" else init,),
+                         (trace_source_reads(cfg, source, t, phase),),
                          (f"{rd}/traces_{phase}.json",), accelerator=uses_jax_devices(source, cfg.sampler.engine)),
                    Stage(f"{rd}/phase_{phase}", "phase", {"t": t, "phase": phase}, (init, f"{rd}/traces_{phase}.json"),
                          (f"{rd}/model_{phase}",), checkpoints=f"{rd}/phase_{phase}/checkpoints")]
@@ -110,8 +125,21 @@ def round_stages(cfg: RunConfig, t: int) -> list[Stage]:
     return stages
 
 
+def rl_stage(cfg: RunConfig) -> Stage:
+    """GRPO from the last round's final model (rl.mode=abstract) or the warm-up model (verbal)."""
+    start = final_model(cfg, cfg.rounds) if cfg.rl.mode == "abstract" else start_model(cfg)
+    return Stage(RL_STAGE, "rl", {}, (start,), ("rl/model",), checkpoints="rl/checkpoints")
+
+
+def rl_eval_stage(cfg: RunConfig) -> Stage:
+    """The rl stage's model evaluated as a round's model (rl.mode=abstract) or as the verbal baseline (verbal)."""
+    return Stage(RL_EVAL_STAGE, "rl_eval", {}, ("rl/model",), ("rl/eval/summary.json",),
+                 accelerator=cfg.sampler.engine == "jax")
+
+
 def find_stage(cfg: RunConfig, key: str) -> Stage:
     stages = setup_stages(cfg) + [s for t in range(1, cfg.rounds + 1) for s in round_stages(cfg, t)]
+    stages += [rl_stage(cfg), rl_eval_stage(cfg)]
     for stage in stages:
         if stage.key == key:
             return stage
@@ -211,6 +239,8 @@ class Ledger:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": {}}
         finished = self.state["done"] and "config" in self.state
         changes = changed_settings(self.state["config"], to_dict(cfg)) if finished else []
+        if RL_STAGE not in self.state["done"]:  # rl settings change only the rl stage, which has not run
+            changes = [c for c in changes if not c.startswith("rl.")]
         if changes:  # its finished stages would be reused with settings they were not made with
             raise RunError(f"run {cfg.name!r} ({self.dir}) has {len(self.state['done'])} finished stage(s) made with "
                            f"other settings ({'; '.join(changes)}); give this run a new name (--set name=...) or "
@@ -288,10 +318,12 @@ class Ledger:
 
 
 def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Ledger:
-    """Run the setup stages, then `stages` of each round in `rounds`, then write the report."""
-    unknown = set(stages) - set(ROUND_STAGES)
+    """Run the setup stages, then `stages` of each round in `rounds`, then the rl stage and its
+    evaluation (when `stages` names rl, or rl.enabled and the last round ran whole; the evaluation
+    alone when `stages` names rl_eval), then write the report."""
+    unknown = set(stages) - {*ROUND_STAGES, *RL_STAGES}
     if unknown:
-        raise RunError(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(ROUND_STAGES)}")
+        raise RunError(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join((*ROUND_STAGES, *RL_STAGES))}")
     if cfg.sampler.engine == "vllm" and not Path(cfg.sampler.python).is_file():
         raise RunError(f"sampler.python={cfg.sampler.python!r} does not exist: give the Python of an environment "
                        "with vllm installed")
@@ -305,6 +337,11 @@ def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Ledger:
             for stage in round_stages(cfg, t):
                 if stage.key.split("/")[1] in stages:
                     ledger.run(stage)
+        rl = RL_STAGE in stages or (cfg.rl.enabled and cfg.rounds in rounds and set(ROUND_STAGES) <= set(stages))
+        if rl:
+            ledger.run(rl_stage(cfg))
+        if rl or RL_EVAL_STAGE in stages:
+            ledger.run(rl_eval_stage(cfg))
         ledger.report()
         final = ledger.state["done"].get(f"round_{rounds[-1]}/eval") if rounds else None
         result = (f"; round {rounds[-1]}: accuracy {final['accuracy']:.1%}, {final['mean_tokens'] or 0:.1f} tokens"

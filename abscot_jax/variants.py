@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from abscot_jax.data.dolci import DataError
 from abscot_jax.data.pipeline import first_fit_decreasing, pack_row
+from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import SequenceExample, make_example
-from abscot_jax.model.attention import Role
 from abscot_jax.progress import Progress
 from abscot_jax.sampling.protocol import MAX_SEED, SamplingRequest
 from abscot_jax.train.loss import target_roles
@@ -268,14 +269,19 @@ def fit_codebooks(x: np.ndarray, levels: int, *, k: int = CODEBOOK_SIZE, seed: i
     return np.stack(books), inertias
 
 
-def encode(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    """Codes [n, levels]: nearest centroid of each level, on the residual the levels before left."""
-    residual, codes = np.asarray(x, np.float64), []
+def _level_residuals(x: np.ndarray, codebooks: np.ndarray):
+    """(residual, level's centroids, assignment) per level, as `encode` walks them."""
+    residual = np.asarray(x, np.float64)
     for centroids in codebooks:
         code = _sq_distances(residual, centroids).argmin(1)
-        codes.append(code)
+        yield residual, centroids, code
         residual = residual - centroids[code]
-    return np.stack(codes, axis=1) if codes else np.zeros((len(residual), 0), np.int64)
+
+
+def encode(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """Codes [n, levels]: nearest centroid of each level, on the residual the levels before left."""
+    codes = [code for _, _, code in _level_residuals(x, codebooks)]
+    return np.stack(codes, axis=1) if codes else np.zeros((len(x), 0), np.int64)
 
 
 def usage_stats(codes: np.ndarray, k: int = CODEBOOK_SIZE) -> dict:
@@ -311,45 +317,68 @@ def resolve_layer(model, code_layer: int) -> int:
 
 
 def cot_code_traces(model, builder, examples, *, code_layer: int = -1, codes_per_step: int = 1, rows: int = 4,
-                    seed: int = 0, fit_steps: int = 20_000, out_dir: Path | None = None
+                    seed: int = 0, fit_steps: int = 20_000, out_dir: Path | None = None,
+                    codebooks: np.ndarray | None = None, separator: bool = False
                     ) -> tuple[dict[str, list[int]], dict]:
-    """Round-1 traces that carry the CoT's content: each step's hidden-state vector (`step_vectors`)
-    quantised by `codes_per_step` residual levels of a 64-entry codebook fitted by k-means on a
-    seeded sample of at most `fit_steps` steps; code i is `abstract_ids[i]`; a trace is its steps'
-    codes in order, capped at m_max. Saves `codebook.npz` and `codebook_stats.json` in `out_dir`.
-    Returns (traces by example id, statistics)."""
+    """Traces that carry the CoT's content: each step's hidden-state vector (`step_vectors`)
+    quantised by `codes_per_step` residual levels of a 64-entry codebook, given or fitted by k-means
+    on a seeded sample of at most `fit_steps` steps; code i is `abstract_ids[i]`; a trace is its
+    steps' codes in order, each step's followed by the last abstract token when `separator` (the
+    codebook then has 63 entries), capped at m_max. A fitted codebook and its statistics are saved
+    as `codebook.npz` and `codebook_stats.json` in `out_dir`. Returns (traces by example id, statistics)."""
     layer = resolve_layer(model, code_layer)
     vectors, beyond = step_vectors(model, builder, examples, layer=layer, rows=rows)
     if not any(len(v) for v in vectors):
-        raise ValueError("cot_codes: no CoT steps to fit a codebook on (no examples, or empty CoTs)")
+        raise DataError("cot_codes: no CoT steps to encode (no examples, or their CoTs are empty)")
     all_steps = np.concatenate(vectors)
     rng = np.random.default_rng(seed)
     if len(all_steps) > fit_steps:
         sample = all_steps[rng.choice(len(all_steps), fit_steps, replace=False)]
     else:
         sample = all_steps
-    codebooks, inertias = fit_codebooks(sample, codes_per_step, seed=seed)
+    fitted = codebooks is None
+    if fitted:
+        codebooks, inertias = fit_codebooks(sample, codes_per_step, k=CODEBOOK_SIZE - separator, seed=seed)
+    else:
+        if len(codebooks) != codes_per_step or codebooks.shape[1] > CODEBOOK_SIZE - separator:
+            raise DataError(f"cot_codes: the codebook has {len(codebooks)} levels of {codebooks.shape[1]} codes; "
+                            f"variants.codes_per_step={codes_per_step} and step_separator={separator} need "
+                            f"{codes_per_step} levels of at most {CODEBOOK_SIZE - separator}")
+        inertias = [float(((r - c[a]) ** 2).sum()) for r, c, a in _level_residuals(sample, codebooks)]
     abstract = np.asarray(builder.vocab.abstract_ids)
     m_max = builder.config.m_max
     traces, codes_all, capped = {}, [], 0
     for example, v in zip(examples, vectors):
         codes = encode(v, codebooks)  # [steps, levels]
         codes_all.append(codes)
+        if separator:
+            codes = np.concatenate([codes, np.full((len(codes), 1), CODEBOOK_SIZE - 1)], axis=1)
         capped += int(codes.size > m_max)
         traces[example.id] = [int(t) for t in abstract[codes.reshape(-1)][:m_max]]
     codes_all = np.concatenate(codes_all)
     total_ss = float(((sample - sample.mean(0)) ** 2).sum())
     stats = {
-        "layer": layer, "codes_per_step": codes_per_step, "examples": len(examples), "steps": len(all_steps),
+        "layer": layer, "codes_per_step": codes_per_step, "separator": separator, "examples": len(examples),
+        "steps": len(all_steps),
         "steps_fitted": len(sample), "steps_beyond_seq_len": beyond,
         "traces_capped_at_m_max": capped,
         "mean_trace_length": float(np.mean([len(t) for t in traces.values()])),
         "levels": [{"inertia": inertia, "inertia_fraction": inertia / total_ss if total_ss else 0.0,
                     **usage_stats(codes_all[:, level])} for level, inertia in enumerate(inertias)],
     }
-    if out_dir is not None and jax.process_index() == 0:  # every process fits the same codebook; one writes
+    stats["codebook"] = "fitted" if fitted else "given"
+    if fitted and out_dir is not None and jax.process_index() == 0:  # every process fits the same codebook; one writes
         save_codebook(Path(out_dir), codebooks, layer, stats)
     return traces, stats
+
+
+def load_codebook(out_dir: Path) -> tuple[np.ndarray, int] | None:
+    """(codebooks, layer) saved by `save_codebook` in `out_dir`, or None when there is none."""
+    path = Path(out_dir) / "codebook.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        return f["codebooks"].astype(np.float64), int(f["layer"])
 
 
 def save_codebook(out_dir: Path, codebooks: np.ndarray, layer: int, stats: dict) -> None:

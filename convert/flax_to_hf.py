@@ -32,9 +32,10 @@ def main(argv=None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
 
-    from abscot_jax.checkpoint import CheckpointError, export_checkpoint_to_hf
+    from abscot_jax.checkpoint import export_checkpoint_to_hf
     from abscot_jax.checkpoint.orbax_io import read_hf_config
     from abscot_jax.checkpoint.training import CHECKPOINTS, export_phase_checkpoint, find_phase_checkpoint, read_phase_meta
+    from abscot_jax.errors import CheckpointError
     from abscot_jax.progress import writing
     from hf_to_flax import weights_bytes  # (this directory is the script's first path entry)
 
@@ -65,6 +66,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from abscot_jax.checkpoint import run_cli
+    from abscot_jax.errors import run_cli
 
     sys.exit(run_cli(main, interrupt_line=True))

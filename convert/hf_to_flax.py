@@ -49,6 +49,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from abscot_jax.checkpoint import run_cli
+    from abscot_jax.errors import run_cli
 
     sys.exit(run_cli(main, interrupt_line=True))

@@ -26,7 +26,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from abscot_jax.checkpoint import USER_ERRORS, run_cli
+    from abscot_jax.errors import USER_ERRORS, run_cli
     from abscot_jax.qwen3_tokenizer import TokenizerError
 
     sys.exit(run_cli(main, user_errors=(*USER_ERRORS, TokenizerError), interrupt_line=True))

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from rehearse_qwen3_4b import QWEN3_4B_CONFIG, write_random_hf  # this script's directory is on sys.path
+from rehearsal_stages import QWEN3_4B_CONFIG, write_random_hf  # this script's directory is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 # Each takes: source dir, output dir, dtype.
@@ -159,7 +159,7 @@ def run(label: str, cmd: list[str]) -> tuple[float, float, float]:
 
 def check_identical(src: Path, out: Path) -> int:
     """Every tensor of `out` equals `src` bit for bit, dtype and shape included (read in chunks)."""
-    from abscot_jax.checkpoint.hf import SafetensorsDir
+    from abscot_jax.checkpoint.safetensors_io import SafetensorsDir
 
     a, b = SafetensorsDir(src).tensors, SafetensorsDir(out).tensors
     assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())

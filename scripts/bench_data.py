@@ -50,8 +50,8 @@ def compare_packers(seq_len: int, n: int = 4000, seed: int = 0) -> None:
     from grain.experimental import BestFitPackIterDataset, FirstFitPackIterDataset
 
     from abscot_jax.data.pipeline import PackIterDataset
+    from abscot_jax.data.roles import Role
     from abscot_jax.data.sequences import make_example
-    from abscot_jax.model.attention import Role
 
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(1500 * seq_len / 4096), 0.7, n).astype(int), 8, seq_len)

@@ -53,8 +53,8 @@ def main(argv=None) -> None:
     from transformers import Qwen3Config as HFConfig, Qwen3ForCausalLM
 
     from abscot_jax.config import load_config
+    from abscot_jax.data.roles import Role
     from abscot_jax.data.synthetic_rows import PHASE_A_DOLCI, packed_rows
-    from abscot_jax.model.attention import Role
     from bench_train import HFTrainer, hf_inputs
 
     shapes = check_shapes(args.dry_run, args.layers, args.seq)

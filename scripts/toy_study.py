@@ -1,14 +1,28 @@
-"""The trace variants (docs/variants.md) on the toy task, round by round: `python scripts/toy_study.py`.
+"""Study arms on the toy task through the round driver: `python scripts/toy_study.py --arms A,B --out DIR`.
+
+Arms: the trace variants (docs/variants.md; group `variants`, T rounds each, --rounds) and the
+M-step arms (group `m_step`, one round on 6,000 problems a phase, after a warm-up twice the demo's):
+Phase B on the CoT's own codes from the embedding layer (`control`: a bijection of the partial
+sums, which must reach the verbal-CoT level), from the middle layer, on posterior samples
+z ~ p_A(z | x, c), the stepwise-internalisation curriculum (codes, or steps removed) and pause
+tokens. `--arms m_step` then prints `control own=… random=… shuffled=… verbal=…` and, last,
+`best_arm=<name> …` for the arm whose own trace beats the random and shuffled ones by most.
+The RL arms (group `rl`, docs/rl.md; on the M-step arms' shared start): GRPO with the toy reward
+in verbal mode from the warm-up (`rl_verbal`, the paper's verbal SFT + RL baseline) and in abstract
+mode after one round of the paper's method (`rl_paper`), each evaluated on the held-out problems by
+its rl_eval stage. Each prints, after the lines above, `arm=rl_verbal start=<shared verbal-CoT
+accuracy> end=<after RL>` or `arm=rl_paper start=<round 1 own-trace accuracy> end=<after RL> own=…
+random=… shuffled=…`; study.json holds their per-step reward curves.
 
 One shared start under OUT/shared: the demo's tiny model and toy data (abscot_jax.demo), its
-verbal-CoT warm-up and the verbal-CoT and direct-answer baselines. Then every variant runs T
-rounds under OUT/<variant> through the round driver (abscot_jax.rounds.run), its run directory
-pointing at the shared start: base/, warmup/ and baseline/ are links to OUT/shared, splits.json is
-the same file, and those stages are marked done in its state.json. So the variants differ only in
-what the variant changes, and the warm-up runs once.
+verbal-CoT warm-up and the verbal-CoT and direct-answer baselines. Every arm's run directory
+under OUT/<arm> points at it: base/, warmup/ and baseline/ are links to OUT/shared, its
+splits.json has the same warm-up problems, and those stages are marked done in its state.json. So
+the arms differ only in what the arm changes, and the warm-up runs once.
 
 Writes OUT/study.md (the tables), OUT/study.png (per-round plots) and OUT/study.json (every
-figure). Sizes are the demo's, changed with --rounds, --k and --set (applied to every run), e.g.
+figure, Phase B's trace-loss curve included). Sizes are the demo's and the arm's, changed with
+--rounds, --k and --set (applied to every run, after the arm's own settings), e.g.
 `--set data.examples_per_phase=200 --set eval.limit=50`. Rerunning skips finished stages.
 """
 from __future__ import annotations
@@ -18,7 +32,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,17 +45,52 @@ from abscot_jax.data.toy import partial_sums  # noqa: E402
 from abscot_jax.stages.context import RunContext  # noqa: E402
 from abscot_jax.variants import mutual_information  # noqa: E402
 
-# name -> config overrides (`variants.k` comes from --k)
+# name -> config overrides (`variants.k` comes from --k; --set applies after them)
 VARIANTS = {
     "paper": [],
     "two_pass": ["variants.bottleneck=two_pass"],
     "two_pass+best_of_k": ["variants.bottleneck=two_pass", "variants.trace_selection=best_of_k"],
-    # scored by the joint log p(z, y | x): the trace must also be likely from x alone (design notes)
+    # scored by the joint log p(z, y | x): the trace must also be likely from x alone (docs/variants.md)
     "two_pass+best_of_k+prior": ["variants.bottleneck=two_pass", "variants.trace_selection=best_of_k",
                                  "variants.trace_prior_weight=1"],
     "cot_codes": ["variants.round1_traces=cot_codes"],
     "cot_codes+two_pass": ["variants.round1_traces=cot_codes", "variants.bottleneck=two_pass"],
 }
+# The M-step arms: one round each, on more distinct problems per phase. Their shared start warms up
+# twice as long as the demo (1,200 steps): at 600 the warm-up leaves its loss plateau on some data
+# orders and not on others (docs/notes/2026-11-28-toy-warmup.md), and the control needs a model that
+# has learned the sums.
+M_STEP_SIZES = ["rounds=1", "data.examples_per_phase=6000", "train.epochs=2", "train.phase_b_epochs=16",
+                "eval.limit=200"]
+# Codes one token a step put step j at another distance from its digit than the warm-up's verbal CoT
+# (a newline after each step): without the separator the control learned the first code only.
+SEPARATED = ["variants.step_separator=true"]  # 12 steps: 24 trace tokens, the demo's m_max
+CURRICULUM_EPOCHS = "train.phase_b_epochs=4"  # a sub-phase each; four sub-phases: 16 epochs, as the others
+M_STEP_SHARED = ["data.warmup_examples=19200"]
+M_STEP_TOY_ROWS = 32000  # 19,200 warm-up + 2 x 6,000 problems
+M_STEP = {
+    # codes from the embedding layer are a bijection of the partial sums: the pipeline's positive control
+    "control": [*M_STEP_SIZES, *SEPARATED, "variants.round1_traces=cot_codes", "variants.phase_b_traces=cot_codes",
+                "variants.code_layer=0"],
+    "codes_middle": [*M_STEP_SIZES, *SEPARATED, "variants.round1_traces=cot_codes", "variants.phase_b_traces=cot_codes"],
+    "posterior": [*M_STEP_SIZES, *SEPARATED, "variants.round1_traces=cot_codes", "variants.phase_b_traces=posterior"],
+    "stepwise_codes": [*M_STEP_SIZES, *SEPARATED, CURRICULUM_EPOCHS, "variants.curriculum=stepwise",
+                       "variants.code_layer=0"],
+    "stepwise_none": [*M_STEP_SIZES, CURRICULUM_EPOCHS, "variants.curriculum=stepwise", "variants.curriculum_fill=none",
+                      "eval.m_min=0"],
+    "pause": [*M_STEP_SIZES, "variants.trace_source=pause"],
+}
+# GRPO arms: 64 rollouts a step (8 prompts x 8) of at most 64 tokens, the toy reward.
+RL_SIZES = ["rl.reward=toy", "rl.steps=400", "rl.prompts_per_step=8", "rl.rollouts_per_prompt=8",
+            "rl.max_new_tokens=64", "rl.rollout_batch=64", "rl.learning_rate=1e-4", "rl.checkpoint_every=50"]
+RL = {
+    "rl_verbal": [*RL_SIZES, "rl.mode=verbal"],  # no rounds: from the warm-up model
+    "rl_paper": ["rounds=1", *RL_SIZES, "rl.mode=abstract"],  # from round 1's final model
+}
+ARMS = {**VARIANTS, **M_STEP, **RL}
+GROUPS = {"variants": list(VARIANTS), "m_step": list(M_STEP), "rl": list(RL)}
+CONTROL = "control"
+TRACE_FITTED = 0.1  # nats per trace token: Phase B "has fitted its traces" below this
 SHARED = "shared"
 SHARED_PATHS = ("base", "warmup", "baseline")  # linked into every variant's run directory
 CHANCE = 0.1  # ten possible answers
@@ -56,14 +104,14 @@ def is_setup_stage(key: str) -> bool:
 
 
 def share_start(shared: rounds.Ledger, run_dir: Path) -> None:
-    """Point a new run directory at the shared start (links, splits.json, setup stages done)."""
+    """Point a new run directory at the shared start (links, setup stages done). Its own
+    splits.json holds the same warm-up problems (same data, seed and warm-up size) and phase
+    subsets of its own size."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in SHARED_PATHS:
         link = run_dir / name
         if (shared.dir / name).exists() and not link.is_symlink():
             link.symlink_to(Path("..") / shared.dir.name / name)  # relative: OUT stays movable
-    if not (run_dir / "splits.json").exists():
-        shutil.copyfile(shared.dir / "splits.json", run_dir / "splits.json")
     state_path = run_dir / "state.json"
     if not state_path.exists():
         done = {k: v for k, v in shared.state["done"].items() if is_setup_stage(k)}
@@ -78,14 +126,16 @@ def round_seconds(state: dict, t: int) -> dict:
 
 # ---- does a trace encode the partial sums? ------------------------------------------------------
 
-def trace_sum_pairs(traces: dict[str, list[int]], questions: dict[str, str]) -> tuple[list[int], list[int]]:
-    """(trace token j, partial sum j) over every trace and j < min(trace length, steps): with one
-    code per step (cot_codes), token j is step j's code."""
+def trace_sum_pairs(traces: dict[str, list[int]], questions: dict[str, str], stride: int = 1
+                    ) -> tuple[list[int], list[int]]:
+    """(trace token j * stride, partial sum j) over every trace and step j the trace reaches: with one
+    code per step (cot_codes), token j is step j's code; with a separator after each, token 2j."""
     tokens, sums = [], []
     for key, trace in traces.items():
         s = partial_sums(questions[key])
-        n = min(len(trace), len(s))
-        tokens += list(trace[:n])
+        codes = list(trace[::stride])
+        n = min(len(codes), len(s))
+        tokens += codes[:n]
         sums += s[:n]
     return tokens, sums
 
@@ -120,7 +170,7 @@ def trace_sums_of_round(run: RunContext, t: int, eval_questions: dict[str, str])
             path = rd / f"{name}.json"
             traces = json.loads(path.read_text()) if path.exists() else {}
             questions = train_questions
-        out[name] = trace_information(*trace_sum_pairs(traces, questions))
+        out[name] = trace_information(*trace_sum_pairs(traces, questions, 1 + run.cfg.variants.step_separator))
     return out
 
 
@@ -161,6 +211,21 @@ def render(study: dict) -> str:
         for t, r in v["rounds"].items():
             lines.append(f"| {name} | {t} | " + " | ".join(fmt_information(r["information"].get(k))
                                                          for k, _ in TRACE_FILES) + " |")
+    rl_arms = {name: v["rl"] for name, v in study["variants"].items() if "rl" in v}
+    if rl_arms:
+        lines += ["", "## RL arms (GRPO, toy reward)", "",
+                  "Before: the verbal-CoT baseline (verbal) or round 1's own-trace accuracy (abstract); after: the "
+                  "RL model on the held-out problems (rl_eval).", "",
+                  "| Arm | Mode | Before | After | Random trace | Shuffled trace | Reward, first -> last step | "
+                  "Wall (s) |", "|---" * 8 + "|"]
+        for name, arm in rl_arms.items():
+            cells = dict(trace_cells(arm["eval"]))
+            curve = arm["reward_curve"]
+            reward = f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else report.DASH
+            wall = sum((s or {}).get("wall", 0.0) for s in arm["seconds"].values())
+            lines.append(f"| {name} | {arm['mode']} | {report.fmt_percent(arm['start'])} | "
+                         f"{report.fmt_percent(arm['end'])} | {report.fmt_percent(cells['random'])} | "
+                         f"{report.fmt_percent(cells['shuffled'])} | {reward} | {wall:.0f} |")
     lines += ["", "![Per round](study.png)", ""]
     return "\n".join(lines)
 
@@ -207,9 +272,69 @@ def plot(study: dict, path: Path) -> None:
 
 # ---- the study ----------------------------------------------------------------------------------
 
-def variant_config(out: Path, name: str, args):
+def variant_config(out: Path, name: str, args, shared: list[str]):
+    """An arm's config (`shared`: the settings of the shared start, given to every run)."""
     return demo.demo_config([f"run_dir={out}", f"name={name}", f"rounds={args.rounds}", f"variants.k={args.k}",
-                             *args.set, *VARIANTS.get(name, [])])
+                             *shared, *ARMS.get(name, []), *args.set])
+
+
+def phase_b_curve(round_dir: Path) -> list[tuple[int, float]]:
+    """(step, trace loss) of Phase B, its curriculum's sub-phases one after another."""
+    phase = round_dir / "phase_b"
+    logs = sorted(phase.glob("stage_*/metrics.jsonl"), key=lambda p: int(p.parent.name.split("_")[1])) \
+        or [phase / "metrics.jsonl"]
+    curve = []
+    for log in logs:
+        if log.exists():
+            for line in filter(str.strip, log.read_text().splitlines()):
+                record = json.loads(line)
+                curve.append((len(curve) + 1, record.get("trace_loss")))
+    return curve
+
+
+def steps_to_fit(curve: list[tuple[int, float]]) -> int | None:
+    """The first Phase B step whose trace loss is below TRACE_FITTED (None: never)."""
+    return next((step for step, loss in curve if loss is not None and loss < TRACE_FITTED), None)
+
+
+def figures(cells) -> str:
+    """`key=0.123 …` of (key, value) pairs; nan for a missing value."""
+    return " ".join(f"{k}={'nan' if v is None else f'{v:.3f}'}" for k, v in cells)
+
+
+def trace_cells(evaluation: dict | None) -> list[tuple[str, float | None]]:
+    """Own, random and shuffled trace accuracy of an evaluation."""
+    d = (evaluation or {}).get("diagnostics") or {}
+    return [("own", d.get("own_accuracy")), ("random", d.get("random_accuracy")), ("shuffled", d.get("shuffled_accuracy"))]
+
+
+def arm_line(label: str, evaluation: dict | None, verbal: float | None) -> str:
+    """`<label> own=… random=… shuffled=… verbal=…` from a round's evaluation."""
+    return f"{label} {figures([*trace_cells(evaluation), ('verbal', verbal)])}"
+
+
+def rl_arm(study: dict, loaded: dict, mode: str, seconds: dict) -> dict:
+    """An RL arm's figures: accuracy before RL (the shared verbal-CoT baseline, or round 1's own-trace
+    accuracy), after it (rl_eval), its evaluation, and its reward and rollout accuracy per step."""
+    before = ((study["reference"]["verbal"] or {}).get("accuracy") if mode == "verbal"
+              else dict(trace_cells(loaded["rounds"][1]["eval"]))["own"])
+    return {"mode": mode, "start": before, "end": (loaded["rl_eval"] or {}).get("accuracy"),
+            "eval": loaded["rl_eval"], "reward_curve": loaded["rl_steps"]["reward"],
+            "accuracy_curve": loaded["rl_steps"]["accuracy"], "seconds": {k: seconds.get(k) for k in rounds.RL_STAGES}}
+
+
+def rl_line(name: str, arm: dict) -> str:
+    """`arm=<name> start=… end=…` (and the trace accuracies after RL in abstract mode)."""
+    cells = [("start", arm["start"]), ("end", arm["end"])]
+    return f"arm={name} {figures(cells + (trace_cells(arm['eval']) if arm['mode'] == 'abstract' else []))}"
+
+
+def trace_gain(evaluation: dict | None) -> float:
+    """Own-trace accuracy above the better of the random and shuffled traces: what the trace carries."""
+    d = (evaluation or {}).get("diagnostics") or {}
+    if d.get("own_accuracy") is None:
+        return -math.inf
+    return d["own_accuracy"] - max(d.get("random_accuracy") or 0.0, d.get("shuffled_accuracy") or 0.0)
 
 
 def main(argv=None) -> int:
@@ -217,26 +342,32 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/toy_study", help="study directory (default runs/toy_study)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per variant (default 2)")
     p.add_argument("--k", type=int, default=4, help="best_of_k: candidates per example (default 4)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--arms", default="variants",
+                   help=f"comma-separated arms or groups ({', '.join(GROUPS)}) of: {', '.join(ARMS)}")
+    p.add_argument("--toy-rows", type=int, default=0,
+                   help=f"toy training rows (default {demo.TOY_TASK['train_size']}, {M_STEP_TOY_ROWS} with an m_step arm)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of every run")
     args = p.parse_args(argv)
-    names = [n for n in args.variants.split(",") if n]
-    unknown = sorted(set(names) - set(VARIANTS))
+    names = [a for n in args.arms.split(",") if n for a in GROUPS.get(n, [n])]
+    unknown = sorted(set(names) - set(ARMS))
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown arm(s) {unknown}; choose from {', '.join(GROUPS)}, {', '.join(ARMS)}")
     out = Path(args.out)
+    has_m_step = any(n in M_STEP or n in RL for n in names)  # the RL arms share the M-step arms' start
+    shared_settings = M_STEP_SHARED if has_m_step else []
+    args.toy_rows = args.toy_rows or (M_STEP_TOY_ROWS if has_m_step else demo.TOY_TASK["train_size"])
     started = time.perf_counter()
 
-    from abscot_jax.checkpoint import USER_ERRORS
+    from abscot_jax.errors import USER_ERRORS
 
     try:
-        cfg = variant_config(out, SHARED, args)
+        cfg = variant_config(out, SHARED, args, shared_settings)
         for name in names:
-            variant_config(out, name, args)  # every run's settings are valid before anything runs
+            variant_config(out, name, args, shared_settings)  # every run's settings are valid before anything runs
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    demo.prepare_inputs(cfg, out / SHARED)
+    demo.prepare_inputs(cfg, out / SHARED, train_size=args.toy_rows)
     shared = rounds.Ledger(cfg)
     for stage in rounds.setup_stages(cfg):
         shared.run(stage)
@@ -247,7 +378,7 @@ def main(argv=None) -> int:
         eval_questions[row["unique_id"]] = row["problem"]
 
     study = {"settings": {"rounds": args.rounds, "k": args.k, "set": args.set, "model": demo.TINY_MODEL,
-                          "task": demo.TOY_TASK, "variants": {n: VARIANTS[n] for n in names}},
+                          "task": {**demo.TOY_TASK, "train_size": args.toy_rows}, "variants": {n: ARMS[n] for n in names}},
              "reference": report.load_run(shared.dir)["baselines"],
              "shared_seconds": shared.state.get("seconds", {}), "variants": {}}
     d, e = cfg.data, cfg.eval
@@ -258,21 +389,43 @@ def main(argv=None) -> int:
         f"best_of_k k={args.k}; {e.limit or 'all'} held-out problems; eval trace m_min {e.m_min}, m_max {d.m_max}, "
         f"temperature {e.trace_temperature}.")
     for name in names:
-        vcfg = variant_config(out, name, args)
+        vcfg = variant_config(out, name, args, shared_settings)
         vcfg.model.hf_dir, vcfg.data.train, vcfg.data.eval = cfg.model.hf_dir, cfg.data.train, cfg.data.eval
         share_start(shared, out / name)
-        run = rounds.run(vcfg, list(range(1, args.rounds + 1)))
+        if [e.id for e in RunContext(vcfg).split("warmup")] != [e.id for e in RunContext(cfg).split("warmup")]:
+            print(f"error: arm {name} would warm up on other problems than the shared start; keep data.* and "
+                  "train.seed the same for every arm", file=sys.stderr)
+            return 2
+        ran = [] if name in RL and vcfg.rl.mode == "verbal" else list(range(1, vcfg.rounds + 1))
+        run = rounds.run(vcfg, ran, (*rounds.ROUND_STAGES, rounds.RL_STAGE) if name in RL else rounds.ROUND_STAGES)
         loaded = report.load_run(run.dir)
-        study["variants"][name] = {"rounds": {
-            t: {"eval": loaded["rounds"][t]["eval"], "seconds": round_seconds(run.state, t),
-                "information": trace_sums_of_round(RunContext(vcfg), t, eval_questions)}
-            for t in range(1, args.rounds + 1)}}
+        study["variants"][name] = {"rounds": {}}
+        for t in ran:
+            curve = phase_b_curve(run.dir / f"round_{t}")
+            study["variants"][name]["rounds"][t] = {
+                "eval": loaded["rounds"][t]["eval"], "seconds": round_seconds(run.state, t),
+                "information": trace_sums_of_round(RunContext(vcfg), t, eval_questions),
+                "phase_b_trace_loss": curve, "phase_b_steps_to_fit": steps_to_fit(curve)}
+        if name in RL:
+            study["variants"][name]["rl"] = rl_arm(study, loaded, vcfg.rl.mode, run.state.get("seconds", {}))
         _write(out, study)
     study["wall_seconds_this_invocation"] = time.perf_counter() - started
     study["cpu_seconds_this_invocation"] = sum(  # this process and its stage processes
         u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
     _write(out, study)
     print((out / "study.md").read_text())
+    m_step = [n for n in names if n in M_STEP]
+    if m_step:
+        verbal = (study["reference"]["verbal"] or {}).get("accuracy")
+        last = {n: study["variants"][n]["rounds"][max(study["variants"][n]["rounds"])]["eval"] for n in m_step}
+        if CONTROL in last:
+            print(arm_line("control", last[CONTROL], verbal))
+        others = [n for n in m_step if n != CONTROL]
+        if others:
+            best = max(others, key=lambda n: trace_gain(last[n]))  # first on ties
+            print(arm_line(f"best_arm={best}", last[best], verbal))
+    for name in (n for n in names if n in RL):
+        print(rl_line(name, study["variants"][name]["rl"]))
     return 0
 
 

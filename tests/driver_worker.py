@@ -13,8 +13,8 @@ def assert_no_jax_backend(when: str) -> None:
 
 def main(run_root: str, data_dir: str, rounds: int):
     from abscot_jax import rounds as driver
-    from abscot_jax.checkpoint import run_cli
     from abscot_jax.config import load_config
+    from abscot_jax.errors import RunError, run_cli
 
     launch = driver.launch
 
@@ -32,7 +32,7 @@ def main(run_root: str, data_dir: str, rounds: int):
         "train.batch_size=4", "train.epochs=2", "train.checkpoint_every=1", "optim.learning_rate=1e-2", "eval.limit=3",
         "eval.m_min=2", "eval.max_new_tokens=10", "sampler.max_batch=16",
     ])
-    code = run_cli(lambda _: driver.run(cfg, list(range(1, rounds + 1))), None, (driver.RunError,))
+    code = run_cli(lambda _: driver.run(cfg, list(range(1, rounds + 1))), None, (RunError,))
     assert_no_jax_backend("after the run")
     sys.exit(code)
 

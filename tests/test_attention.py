@@ -2,7 +2,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from abscot_jax.model.attention import Role, masked_attention, reference_mask
+from abscot_jax.data.roles import Role
+from abscot_jax.model.attention import masked_attention, reference_mask
 
 P, C, Z, A = Role.PROMPT, Role.COT, Role.ABSTRACT, Role.ANSWER
 

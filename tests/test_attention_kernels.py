@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from abscot_jax.data.roles import Role
 from abscot_jax.model.attention import (
-    Role, _first_key_block, blockwise_attention, bottleneck_attention, masked_attention, reference_mask,
+    _first_key_block, blockwise_attention, bottleneck_attention, masked_attention, reference_mask,
 )
 from abscot_jax.model.attention_pallas import KernelConfig, pallas_attention
 from abscot_jax.model.config import Qwen3Config

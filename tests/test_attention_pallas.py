@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from abscot_jax.data.roles import Role
 from abscot_jax.model.attention import (
-    Role, bottleneck_attention, cudnn_mask, masked_attention, reference_mask,
+    bottleneck_attention, cudnn_mask, masked_attention, reference_mask,
 )
 from abscot_jax.model.attention_pallas import KernelConfig, pallas_attention, tile_counts, tile_map
 from test_attention_kernels import attention_and_grads, rel_err

@@ -16,10 +16,11 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from abscot_jax.checkpoint import (
-    CheckpointError, convert_hf_to_checkpoint, export_checkpoint_to_hf, iter_hf_tensors, load_checkpoint,
+    convert_hf_to_checkpoint, export_checkpoint_to_hf, iter_hf_tensors, load_checkpoint,
     load_hf, save_checkpoint, save_hf,
 )
-from abscot_jax.checkpoint.hf import SafetensorsDir, SequentialWriter
+from abscot_jax.checkpoint.safetensors_io import SafetensorsDir, SequentialWriter
+from abscot_jax.errors import CheckpointError
 from abscot_jax.fixtures import make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

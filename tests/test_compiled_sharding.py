@@ -11,8 +11,9 @@ from flax import nnx
 
 from abscot_jax.config import OptimSection, TrainSection
 from abscot_jax.data.synthetic_rows import packed_rows
+from abscot_jax.errors import ConfigError
 from abscot_jax.hlo import collectives
-from abscot_jax.model.config import ConfigError, Qwen3Config
+from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.lora import LoRAConfig, apply_lora
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.sharding import BATCH_AXES, MeshConfig, make_mesh

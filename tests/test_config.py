@@ -6,7 +6,7 @@ import yaml
 from abscot_jax.config import load_config, to_dict
 from abscot_jax.data.sequences import BuildConfig
 from abscot_jax.demo import demo_config
-from abscot_jax.model.config import ConfigError
+from abscot_jax.errors import ConfigError
 from abscot_jax.model.lora import LoRAConfig
 from abscot_jax.sharding import MeshConfig
 

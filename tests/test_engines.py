@@ -12,7 +12,12 @@ import torch
 
 from abscot_jax.checkpoint.hf import load_hf
 from abscot_jax.data.sequences import render_prompt
-from abscot_jax.sampling import engines as E
+from abscot_jax.sampling.engines.__main__ import main
+from abscot_jax.sampling.engines.jax import JaxEngine
+from abscot_jax.sampling.engines.process import SubprocessEngine
+from abscot_jax.sampling.engines.vllm import (
+    VllmOptions, run_two_stage, vllm_answer_params, vllm_engine, vllm_trace_params,
+)
 from abscot_jax.vocab import abstract_vocab
 from abscot_jax.sampling.protocol import (
     SamplingRequest, SamplingResult, make_result, read_requests, read_results, write_requests, write_results,
@@ -24,7 +29,7 @@ EOS = 2  # <|im_end|>
 @pytest.fixture(scope="module")
 def jax_engine(model_dir, tokenizer):
     # Fixed buckets: every call in this file runs one compiled program.
-    return E.JaxEngine(load_hf(model_dir), tokenizer, max_batch=16, min_batch=16, min_prompt_bucket=64,
+    return JaxEngine(load_hf(model_dir), tokenizer, max_batch=16, min_batch=16, min_prompt_bucket=64,
                        min_new_bucket=64)
 
 
@@ -79,7 +84,7 @@ def test_jax_results_are_well_formed(jax_results, requests, tokenizer):
 
 def test_hf_engine_through_files_matches_jax(model_dir, requests, jax_results):
     """Another process, JSONL in and out, HF's model and cache: the same traces and answers."""
-    hf_results = E.SubprocessEngine("hf", model_dir).run_requests(requests)
+    hf_results = SubprocessEngine("hf", model_dir).run_requests(requests)
     assert [dataclasses.asdict(r) for r in hf_results] == [dataclasses.asdict(r) for r in jax_results]
 
 
@@ -89,44 +94,44 @@ def test_vllm_request_building(tokenizer):
     vocab = abstract_vocab(tokenizer)
     r = SamplingRequest(id="e", prompt="x", mode="trace_answer", m_min=16, m_max=128, temperature=0.7,
                         answer_temperature=0.0, top_k=0, seed=9, max_new_tokens=1024)
-    trace = E.vllm_trace_params(r, vocab.abstract_ids, vocab.end_id, limit=1024)
+    trace = vllm_trace_params(r, vocab.abstract_ids, vocab.end_id, limit=1024)
     assert trace == {
         "n": 1, "temperature": 0.7, "top_p": 1.0, "top_k": -1, "seed": 9,
         "max_tokens": 128, "min_tokens": 16,  # end suppressed below m_min; at m_max we append it
         "allowed_token_ids": [*vocab.abstract_ids, vocab.end_id], "stop_token_ids": [vocab.end_id],
         "skip_special_tokens": False,
     }
-    answer = E.vllm_answer_params(r, limit=1024 - 130, eos_id=EOS)
+    answer = vllm_answer_params(r, limit=1024 - 130, eos_id=EOS)
     assert answer["temperature"] == 0.0 and answer["max_tokens"] == 894
     assert answer["stop_token_ids"] == [EOS] and answer["ignore_eos"] is False
     custom = dataclasses.replace(r, stop_token_ids=[7])
-    assert E.vllm_answer_params(custom, 10, EOS)["ignore_eos"] is True  # only the request's stops stop it
-    small = E.vllm_trace_params(r, vocab.abstract_ids, vocab.end_id, limit=10)
+    assert vllm_answer_params(custom, 10, EOS)["ignore_eos"] is True  # only the request's stops stop it
+    small = vllm_trace_params(r, vocab.abstract_ids, vocab.end_id, limit=10)
     assert small["max_tokens"] == 9 and small["min_tokens"] == 9  # budget 10 = begin + 9
 
 
 def test_vllm_engine_options_and_gpu_groups(tmp_path):
-    options = E.VllmOptions(python="/opt/vllm/bin/python", tensor_parallel_size=2, data_parallel_size=2,
+    options = VllmOptions(python="/opt/vllm/bin/python", tensor_parallel_size=2, data_parallel_size=2,
                             max_model_len=4096, enforce_eager=True)
-    engine = E.vllm_engine(tmp_path, options)
+    engine = vllm_engine(tmp_path, options)
     assert engine.python == "/opt/vllm/bin/python" and engine.shards == 2
     assert [env["CUDA_VISIBLE_DEVICES"] for env in engine.shard_env] == ["0,1", "2,3"]
     assert engine.args[:2] == ["--tensor-parallel-size", "2"] and "--enforce-eager" in engine.args
     assert options.llm_kwargs()["max_model_len"] == 4096
     with pytest.raises(ValueError, match="needs 4 GPUs"):
-        E.vllm_engine(tmp_path, options, gpus=[0, 1])
+        vllm_engine(tmp_path, options, gpus=[0, 1])
 
 
 def test_vllm_engine_takes_the_gpus_this_process_may_use(tmp_path, monkeypatch):
-    options = E.VllmOptions(tensor_parallel_size=2, data_parallel_size=2, gpu_memory_utilization=0.6, dtype="bfloat16")
+    options = VllmOptions(tensor_parallel_size=2, data_parallel_size=2, gpu_memory_utilization=0.6, dtype="bfloat16")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    engine = E.vllm_engine(tmp_path, options)
+    engine = vllm_engine(tmp_path, options)
     assert [env["CUDA_VISIBLE_DEVICES"] for env in engine.shard_env] == ["4,5", "6,7"]
     assert engine.args[engine.args.index("--gpu-memory-utilization") + 1] == "0.6"
     assert engine.args[engine.args.index("--dtype") + 1] == "bfloat16"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(ValueError, match="needs 4 GPUs"):
-        E.vllm_engine(tmp_path, options)
+        vllm_engine(tmp_path, options)
 
 
 def fake_vllm(hf_model, eos_id, include_stop: bool):
@@ -173,7 +178,7 @@ def test_vllm_two_stage_logic_matches_jax(model_dir, tokenizer, requests, jax_re
     prompts = [tokenizer.encode(requests[i].prompt, add_special_tokens=False) if requests[i].prompt is not None
                else requests[i].prompt_ids for i in greedy]
     limits = [requests[i].budget() for i in greedy]
-    outputs = E.run_two_stage(fake_vllm(hf_model, EOS, include_stop), [requests[i] for i in greedy], prompts,
+    outputs = run_two_stage(fake_vllm(hf_model, EOS, include_stop), [requests[i] for i in greedy], prompts,
                               limits, abstract_vocab(tokenizer), EOS)
     for i, (tokens, stopped) in zip(greedy, outputs):
         assert tokens == jax_results[i].token_ids, requests[i].id
@@ -187,8 +192,8 @@ def test_vllm_engine_runs_where_installed(model_dir, requests, jax_results):
         pytest.skip(f"vllm is not importable in this environment ({e}); its request building and two-stage "
                     "logic are tested above")
     greedy = [i for i, r in enumerate(requests) if r.temperature == 0 and r.answer_temp == 0]
-    options = E.VllmOptions(python=sys.executable, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3)
-    results = E.vllm_engine(model_dir, options).run_requests([requests[i] for i in greedy])
+    options = VllmOptions(python=sys.executable, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3)
+    results = vllm_engine(model_dir, options).run_requests([requests[i] for i in greedy])
     assert [r.token_ids for r in results] == [jax_results[i].token_ids for i in greedy]
 
 
@@ -221,7 +226,7 @@ def test_bad_requests_fail_alone(jax_engine, tiny_hf_dir):
 
     from transformers import AutoTokenizer
 
-    plain = E.JaxEngine(load_hf(tiny_hf_dir), AutoTokenizer.from_pretrained(str(tiny_hf_dir)))
+    plain = JaxEngine(load_hf(tiny_hf_dir), AutoTokenizer.from_pretrained(str(tiny_hf_dir)))
     [result] = plain.run_requests([R(id="no-vocab", prompt_ids=[5], mode="trace")])
     assert "needs the abstract tokens" in result.error
 
@@ -235,7 +240,7 @@ def test_cli_reports_malformed_lines_and_keeps_the_rest(model_dir, tmp_path):
         json.dumps([1, 2]),
     ]) + "\n")
     out = tmp_path / "results.jsonl"
-    assert E.main(["--engine", "hf", "--model", str(model_dir), "--requests", str(requests), "--out", str(out)]) == 0
+    assert main(["--engine", "hf", "--model", str(model_dir), "--requests", str(requests), "--out", str(out)]) == 0
     results = read_results(out)
     assert [r.id for r in results] == ["ok", "line-2", "typo", "line-4"]
     assert results[0].error is None and len(results[0].token_ids) == 4
@@ -246,19 +251,19 @@ def test_cli_reports_malformed_lines_and_keeps_the_rest(model_dir, tmp_path):
 
 def test_cli_bad_model_dir_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "r.jsonl").write_text("")
-    code = E.main(["--engine", "hf", "--model", str(tmp_path / "nope"), "--requests", str(tmp_path / "r.jsonl"),
+    code = main(["--engine", "hf", "--model", str(tmp_path / "nope"), "--requests", str(tmp_path / "r.jsonl"),
                    "--out", str(tmp_path / "o.jsonl")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "not a model directory" in err and "\n" not in err
 
 
 def test_failed_process_fails_its_requests_with_the_reason(tmp_path):
-    engine = E.SubprocessEngine("hf", tmp_path, python=sys.executable, args=["--no-such-flag"])
+    engine = SubprocessEngine("hf", tmp_path, python=sys.executable, args=["--no-such-flag"])
     results = engine.run_requests([SamplingRequest(id="a", prompt_ids=[1]), SamplingRequest(id="b", prompt_ids=[2])])
     assert [r.id for r in results] == ["a", "b"]
     assert all(r.finish_reason == "error" and "exited with 2" in r.error and "no-such-flag" in r.error
                for r in results)
-    missing = E.vllm_engine(tmp_path, E.VllmOptions(python=str(tmp_path / "no-python")))
+    missing = vllm_engine(tmp_path, VllmOptions(python=str(tmp_path / "no-python")))
     [result] = missing.run_requests([SamplingRequest(id="c", prompt_ids=[1])])
     assert "cannot start" in result.error and "no-python" in result.error
 
@@ -292,7 +297,6 @@ def test_an_out_of_process_engine_refuses_to_start_while_jax_holds_an_accelerato
     could not get the GPUs, so the engine stops before starting its process."""
     from jax._src import xla_bridge
 
-    from abscot_jax.sampling.engines import SubprocessEngine
 
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
     monkeypatch.setattr(xla_bridge, "backends", lambda: {"cpu": None, "cuda": None})

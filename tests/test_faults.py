@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from abscot_jax.config import load_config
+from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import make_example
-from abscot_jax.model.attention import Role
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.sharding import MeshConfig, make_mesh

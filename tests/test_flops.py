@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from abscot_jax.data.roles import Role
 from abscot_jax.data.synthetic_rows import PRESETS, packed_rows
-from abscot_jax.model.attention import Role, reference_mask
+from abscot_jax.model.attention import reference_mask
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.train.flops import allowed_pairs, peak_tflops, step_flops, throughput
 

@@ -3,6 +3,7 @@ import pytest
 
 from abscot_jax import rounds
 from abscot_jax.config import load_config
+from abscot_jax.errors import RunError
 
 
 def test_stage_plan_follows_the_config():
@@ -18,7 +19,7 @@ def test_stage_plan_follows_the_config():
     assert round_2["round_2/phase_b"].checkpoints == "round_2/phase_b/checkpoints"
     assert rounds.find_stage(cfg, "round_1/traces_a").args["source"] == "cot_codes"
     assert rounds.find_stage(cfg, "round_1/traces_a").reads == ("warmup/model",)
-    with pytest.raises(rounds.RunError, match="no stage 'round_3/eval' in this run"):
+    with pytest.raises(RunError, match="no stage 'round_3/eval' in this run"):
         rounds.find_stage(cfg, "round_3/eval")
 
 
@@ -45,6 +46,6 @@ def test_a_stage_whose_inputs_are_missing_is_refused_before_it_starts(tmp_path, 
     cfg = load_config(None, [f"run_dir={tmp_path}", "name=r"])
     ledger = rounds.Ledger(cfg)
     monkeypatch.setattr(rounds, "launch", lambda *_: pytest.fail("a stage process was started"))
-    with pytest.raises(rounds.RunError, match=r"stage round_1/phase_b needs round_1/model_a, round_1/traces_b.json"):
+    with pytest.raises(RunError, match=r"stage round_1/phase_b needs round_1/model_a, round_1/traces_b.json"):
         ledger.run(rounds.find_stage(cfg, "round_1/phase_b"))
     assert "round_1/phase_b" not in ledger.state["done"]

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from abscot_jax.checkpoint import load_hf
 from abscot_jax.config import load_config
+from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import make_example
-from abscot_jax.model.attention import Role
 from abscot_jax.model.lora import LoRAConfig, apply_lora
 from abscot_jax.sharding import MeshConfig, make_mesh
 from abscot_jax.train.runner import run_phase
@@ -68,8 +68,9 @@ def lora_phase(tmp_path_factory, tiny_untied_sharded_hf_dir):
 def test_merged_export_matches_unmerged_jax_logits(lora_phase, tiny_untied_sharded_hf_dir, tmp_path):
     phase_dir, trained, start = lora_phase
     # The adapters and new rows really trained: the merge has something to get right.
-    for name in ("q_proj_lora_b", "v_proj_lora_b", "down_proj_lora_b", "embed_delta", "head_delta"):
-        assert np.abs(np.asarray(getattr(trained, name)[...])).max() > 1e-3, name
+    moved = [trained.lora[name].b for name in ("q_proj", "v_proj", "down_proj")]
+    for param in (*moved, trained.embed_delta, trained.head_delta):
+        assert np.abs(np.asarray(param[...])).max() > 1e-3
     out = tmp_path / "merged"
     done = run_cli("--ckpt", phase_dir, "--out", out, "--merge-lora", "--dtype", "float32")
     assert done.returncode == 0, done.stderr

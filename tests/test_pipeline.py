@@ -15,8 +15,9 @@ from abscot_jax.data.dolci import DolciExample
 from abscot_jax.data.pipeline import (
     BATCH_KEYS, PackIterDataset, first_fit_decreasing, make_dataset, pack_row, packing_efficiency,
 )
+from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import BuildConfig, SequenceBuilder, make_example
-from abscot_jax.model.attention import Role, reference_mask
+from abscot_jax.model.attention import reference_mask
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.vocab import add_abstract_tokens

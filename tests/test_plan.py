@@ -14,7 +14,8 @@ from abscot_jax.config import load_config
 from abscot_jax.model.config import REMAT_POLICIES, Qwen3Config
 from abscot_jax.model.lora import apply_lora
 from abscot_jax.model.qwen3 import Qwen3
-from abscot_jax.plan import GiB, PRESETS, main, memory_plan
+from abscot_jax.plan import GiB, PRESETS, memory_plan
+from abscot_jax.plan.__main__ import main
 from abscot_jax.sharding import make_mesh
 from abscot_jax.train.step import BATCH_KEYS, TrainStep
 from abscot_jax.vocab import NEW_TOKENS

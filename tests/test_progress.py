@@ -114,8 +114,8 @@ def test_jax_engine_sampling_prints_a_line_per_batch_into_a_pipe(tmp_path, model
 
 def tiny_phase(out_dir: Path, *, steps_between_lines: int):
     from abscot_jax.config import load_config
+    from abscot_jax.data.roles import Role
     from abscot_jax.data.sequences import make_example
-    from abscot_jax.model.attention import Role
     from abscot_jax.model.config import Qwen3Config
     from abscot_jax.model.qwen3 import Qwen3
     from abscot_jax.sharding import MeshConfig, make_mesh
@@ -172,7 +172,7 @@ def test_a_warmup_phase_is_labelled_warmup():
 
 SLEEPER = """
 import sys, time
-from abscot_jax.checkpoint import run_cli
+from abscot_jax.errors import run_cli
 
 def main(argv):
     print("ready", flush=True)

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from abscot_jax.config import load_config
-from abscot_jax.model.attention import Role
-from abscot_jax.model.config import REMAT_POLICIES, ConfigError, Qwen3Config
+from abscot_jax.data.roles import Role
+from abscot_jax.errors import ConfigError
+from abscot_jax.model.config import REMAT_POLICIES, Qwen3Config
 from abscot_jax.model.lora import LoRAConfig, apply_lora
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.train.loss import loss_sums

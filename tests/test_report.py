@@ -8,6 +8,7 @@ import pytest
 
 from abscot_jax.eval.evaluate import summarize
 from abscot_jax.report import accuracy_figure, load_run, write_report
+from abscot_jax.rl.curves import rl_figure
 
 ABSTRACT_IDS = list(range(100, 164))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -168,3 +169,46 @@ def test_accuracy_plot_labels_do_not_overlap_and_chance_is_drawn(run_dir):
     assert abs(r1[0] - r2[0]) < box.width and abs(r1[1] - r2[1]) < box.height
     chance_lines = [line for line in ax.lines if list(line.get_ydata()) == [0.1, 0.1]]
     assert len(chance_lines) == 1
+
+
+def test_rl_section_table_and_plot(run_dir):
+    """A run with an rl stage: its evaluation in the accuracy and diagnostics tables, and one panel a
+    figure per step (reward, rollout accuracy, KL, trace length) with the held-out accuracy drawn."""
+    steps = [{"step": 1, "reward": 0.25, "accuracy": 0.125, "kl": 0.0, "trace_length": 10.5, "loss": 0.1},
+             {"step": 2, "reward": 0.5, "accuracy": 0.375, "kl": 0.002, "trace_length": 8.0, "loss": 0.2},
+             {"step": 3, "reward": 0.75, "accuracy": 0.5, "kl": 0.004, "trace_length": None, "loss": 0.3}]
+    write(run_dir / "rl/metrics.jsonl", "".join(json.dumps(s) + "\n" for s in steps) + '{"reward": 1.0}\n')
+    write(run_dir / "rl/eval/summary.json", json.dumps(round_summary()))
+    state = json.loads((run_dir / "state.json").read_text())
+    state["done"]["rl"] = {"mode": "abstract", "reward": "toy", "steps": 3, "first_reward": 0.25, "final_reward": 0.75,
+                           "first_accuracy": 0.125, "final_accuracy": 0.5, "final_kl": 0.004}
+    write(run_dir / "state.json", json.dumps(state))
+
+    text = write_report(run_dir).read_text()
+    s = round_summary()
+    lo, hi = s["accuracy_ci"]
+    accuracy = f"75.0% [{100 * lo:.1f}%, {100 * hi:.1f}%]"
+    assert f"| RL (abstract) | {accuracy} | 12.0 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| RL | "))
+    assert row.startswith(f"| RL | {accuracy} | 25.0% | 50.0% | ") and row.endswith("| TRACE CARRIES NO INFORMATION |")
+    assert "| abstract | toy | 3 | 0.2500 -> 0.7500 | 12.5% -> 50.0% | 0.004 |" in text
+    assert f"Held-out evaluation of the RL model (rl_eval): {accuracy}, mean tokens 12.0" in text
+    assert "![RL per step](rl_curves.png)" in text
+    assert "rl/metrics.jsonl: 1 malformed line(s) skipped" in text  # the line without a step
+    data = (run_dir / "rl_curves.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+    fig = rl_figure(load_run(run_dir)["rl_steps"], s["accuracy"])
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    expected = {"mean reward": [0.25, 0.5, 0.75], "accuracy of the rollouts": [0.125, 0.375, 0.5],
+                "KL to the reference": [0.0, 0.002, 0.004], "mean trace length (tokens)": [10.5, 8.0]}
+    for title, values in expected.items():
+        line = panels[title].lines[0]
+        assert list(line.get_ydata()) == values and list(line.get_xdata()) == [1, 2, 3][:len(values)]
+    held_out = panels["accuracy of the rollouts"].lines[1]
+    assert list(held_out.get_ydata()) == [0.75, 0.75] and held_out.get_linestyle() == "--"
+
+
+def test_no_rl_section_without_an_rl_stage(run_dir):
+    text = write_report(run_dir).read_text()
+    assert "## RL" not in text and "| RL" not in text and not (run_dir / "rl_curves.png").exists()

@@ -6,10 +6,10 @@ import pytest
 from conftest import TOKENIZER_DIRS
 
 from abscot_jax.data.dolci import DolciExample
+from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import (
     EVAL_SYSTEM_PROMPT, BuildConfig, SequenceBuilder, encode_prompt, example_rng, random_trace, render_prompt,
 )
-from abscot_jax.model.attention import Role
 from abscot_jax.vocab import add_abstract_tokens
 
 MESSAGES = ({"role": "user", "content": "What is 2 + 3 + 4?"},)

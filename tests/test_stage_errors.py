@@ -10,8 +10,8 @@ import pytest
 
 from abscot_jax.config import load_config
 from abscot_jax.data.toy import write_toy_data
+from abscot_jax.errors import ConfigError, RunError
 from abscot_jax.fixtures import make_checkpoint
-from abscot_jax.model.config import ConfigError
 
 # Multi-process, kill/resume, driver and study runs: `pytest -m "not slow"` leaves them out.
 pytestmark = pytest.mark.slow
@@ -81,7 +81,6 @@ def test_engine_that_cannot_start_or_crashes_stops_the_run_until_fixed(tiny, tmp
 
 
 def test_error_fraction_above_the_limit_fails_at_or_below_passes(tiny):
-    from abscot_jax.rounds import RunError
     from abscot_jax.stages.context import RunContext
 
     cfg = load_config(tiny / "tiny.yaml", [f"run_dir={tiny / 'fraction'}", "eval.max_error_fraction=0.25"])

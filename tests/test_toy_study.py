@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("paper", "cot_codes+two_pass")
-TINY = ["train.batch_size=2", "train.epochs=1", "data.warmup_examples=6", "data.examples_per_phase=6",
+TINY = ["train.batch_size=2", "train.epochs=1", "train.phase_b_epochs=0", "data.warmup_examples=6", "data.examples_per_phase=6",
         "eval.limit=3", "eval.max_new_tokens=40", "sampler.max_batch=8"]
 
 
@@ -44,7 +44,7 @@ def test_toy_study_tables_match_the_runs(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
     cmd = [sys.executable, str(ROOT / "scripts" / "toy_study.py"), "--out", str(out), "--rounds", "1",
-           "--variants", ",".join(VARIANTS), *[a for s in TINY for a in ("--set", s)]]
+           "--arms", ",".join(VARIANTS), *[a for s in TINY for a in ("--set", s)]]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     markdown = (out / "study.md").read_text()
@@ -101,3 +101,77 @@ def test_toy_study_tables_match_the_runs(tmp_path):
     info = {(r[0], r[1]): r for r in table(markdown, "| Variant | Round | Phase A traces")}
     cell = info[("cot_codes+two_pass", "1")][2]
     assert cell.startswith(f"{plug_in_mi(pairs):.3f} (") and cell.endswith(f"; {len(pairs)} pairs)")
+
+
+def test_m_step_arms_print_the_control_and_the_best_arm(tmp_path):
+    out = tmp_path / "study"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+    arms = ("control", "stepwise_none", "pause")
+    cmd = [sys.executable, str(ROOT / "scripts" / "toy_study.py"), "--out", str(out), "--arms", ",".join(arms),
+           *[a for s in TINY for a in ("--set", s)]]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = json.loads((out / "study.json").read_text())
+    verbal = study["reference"]["verbal"]["accuracy"]
+
+    def line(label, name):
+        d = study["variants"][name]["rounds"]["1"]["eval"]["diagnostics"]
+        return (f"{label} own={d['own_accuracy']:.3f} random={d['random_accuracy']:.3f} "
+                f"shuffled={d['shuffled_accuracy']:.3f} verbal={verbal:.3f}")
+
+    def gain(name):
+        d = study["variants"][name]["rounds"]["1"]["eval"]["diagnostics"]
+        return d["own_accuracy"] - max(d["random_accuracy"], d["shuffled_accuracy"])
+
+    lines = result.stdout.strip().splitlines()
+    best = max(arms[1:], key=gain)
+    assert lines[-2:] == [line("control", "control"), line(f"best_arm={best}", best)]
+    for name in arms:  # Phase B's trace-loss curve is its metrics, curriculum sub-phases one after another
+        logs = sorted((out / name / "round_1" / "phase_b").glob("**/metrics.jsonl"))
+        losses = [json.loads(r)["trace_loss"] for log in logs for r in log.read_text().splitlines() if r.strip()]
+        curve = study["variants"][name]["rounds"]["1"]["phase_b_trace_loss"]
+        assert [loss for _, loss in curve] == losses and [s for s, _ in curve] == list(range(1, len(losses) + 1))
+    assert len(list((out / "stepwise_none" / "round_1" / "phase_b").glob("stage_*/metrics.jsonl"))) == 4
+    assert "round_1/phase_a" not in json.loads((out / "stepwise_none" / "state.json").read_text())["done"]
+    # The pause arm trains one repeated token; its evaluation samples its own traces from that model.
+    pause = json.loads((out / "pause" / "round_1" / "traces_b.json").read_text())
+    assert all(len(set(t)) == 1 for t in pause.values())
+
+
+def test_rl_arms_end_with_their_lines(tmp_path):
+    """rl_verbal (GRPO from the warm-up, no rounds) and rl_paper (after round 1, abstract): each last
+    line's figures are those of the runs' own files, and study.json holds each step's reward."""
+    out = tmp_path / "study"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+    rl = ["rl.steps=2", "rl.prompts_per_step=2", "rl.rollouts_per_prompt=2", "rl.max_new_tokens=40",
+          "rl.rollout_batch=4", "rl.checkpoint_every=1"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "toy_study.py"), "--out", str(out), "--arms", "rl_verbal,rl_paper",
+           "--toy-rows", "100", *[a for s in [*TINY, *rl] for a in ("--set", s)]]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def read(path):
+        return json.loads((out / path).read_text())
+
+    verbal_before = read("shared/baseline/verbal/summary.json")["accuracy"]
+    verbal_after = read("rl_verbal/rl/eval/summary.json")
+    paper_before = read("rl_paper/round_1/eval/summary.json")["diagnostics"]["own_accuracy"]
+    paper_after = read("rl_paper/rl/eval/summary.json")
+    d = paper_after["diagnostics"]
+    assert verbal_after["mode"] == "verbal" and paper_after["mode"] == "abstract"
+    assert result.stdout.strip().splitlines()[-2:] == [
+        f"arm=rl_verbal start={verbal_before:.3f} end={verbal_after['accuracy']:.3f}",
+        f"arm=rl_paper start={paper_before:.3f} end={paper_after['accuracy']:.3f} own={d['own_accuracy']:.3f} "
+        f"random={d['random_accuracy']:.3f} shuffled={d['shuffled_accuracy']:.3f}"]
+
+    # rl_verbal ran no round and trained the warm-up model; rl_paper trained round 1's final model.
+    assert not (out / "rl_verbal" / "round_1").exists()
+    assert read("rl_verbal/rl/phase.json")["base_dir"] == str(out / "rl_verbal" / "warmup" / "model")
+    assert read("rl_paper/rl/phase.json")["base_dir"] == str(out / "rl_paper" / "round_1" / "model_b")
+    study = read("study.json")
+    for name in ("rl_verbal", "rl_paper"):
+        steps = [json.loads(line) for line in (out / name / "rl" / "metrics.jsonl").read_text().splitlines()]
+        assert [list(p) for p in study["variants"][name]["rl"]["reward_curve"]] == [[s["step"], s["reward"]] for s in steps]
+        assert len(steps) == 2

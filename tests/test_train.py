@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from abscot_jax.config import OptimSection, TrainSection
-from abscot_jax.model.attention import Role
+from abscot_jax.data.roles import Role
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.lora import LoRAConfig, apply_lora, merge_lora
 from abscot_jax.model.qwen3 import Qwen3
@@ -153,7 +153,10 @@ def test_lora_zero_b_is_base_and_step_touches_only_adapters_and_new_rows(tmp_pat
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(base_state), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     lora_after = nnx.state(trained, nnx.LoRAParam)
-    for name in ("q_proj_lora_b", "down_proj_lora_b", "embed_delta", "head_delta"):
+    for name in ("q_proj", "down_proj"):
+        b_after, b_before = lora_after["lora"][name]["b"], lora_before["lora"][name]["b"]
+        assert not np.array_equal(np.asarray(b_after.value), b_before.value), name
+    for name in ("embed_delta", "head_delta"):
         assert not np.array_equal(np.asarray(lora_after[name].value), lora_before[name].value), name
 
     # Merging folds the adapters in: same logits, and only the new rows of embed / head moved.

@@ -7,13 +7,14 @@ import pytest
 from flax import nnx
 
 from abscot_jax.checkpoint.hf import load_hf
-from abscot_jax.config import ConfigError, VariantsSection, load_config
+from abscot_jax.config import VariantsSection, load_config
 from abscot_jax.data.dolci import DolciExample
 from abscot_jax.data.pipeline import pack_row
+from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import BuildConfig, SequenceBuilder
 from abscot_jax.data.toy import running_sum_problem
-from abscot_jax.model.attention import Role
-from abscot_jax.sampling.engines import JaxEngine
+from abscot_jax.errors import ConfigError
+from abscot_jax.sampling.engines.jax import JaxEngine
 from abscot_jax.sampling.protocol import SamplingRequest
 from abscot_jax import variants as V
 from abscot_jax.layouts import build_phase_examples, two_pass
@@ -273,7 +274,9 @@ def test_variants_config_keys_load_and_typos_are_named():
                              "variants.select_phase_b=true", "variants.weight_by_score=true",
                              "variants.round1_traces=cot_codes", "variants.code_layer=3", "variants.codes_per_step=2",
                              "variants.trace_prior_weight=0.5"])
-    assert cfg.variants == VariantsSection("two_pass", "best_of_k", 4, True, True, "cot_codes", 3, 2, 0.5)
+    assert cfg.variants == VariantsSection(bottleneck="two_pass", trace_selection="best_of_k", k=4, select_phase_b=True,
+                                           weight_by_score=True, round1_traces="cot_codes", code_layer=3,
+                                           codes_per_step=2, trace_prior_weight=0.5)
     assert load_config(None, []).variants == VariantsSection()  # the paper's method by default
     for overrides, message in [
         (["variants.botleneck=two_pass"], "unknown config key 'variants.botleneck'; did you mean 'variants.bottleneck'?"),
@@ -283,7 +286,7 @@ def test_variants_config_keys_load_and_typos_are_named():
         (["variants.trace_selection=best_of_k", "variants.trace_prior_weight=-1"],
          "variants.trace_prior_weight must be >= 0"),
         (["variants.round1_traces=codes"], "variants.round1_traces must be one of random, cot_codes"),
-        (["variants.codes_per_step=0"], "variants.codes_per_step must be in [1, data.m_max]"),
+        (["variants.codes_per_step=0"], "variants.codes_per_step (+1 with step_separator) must be in [1, data.m_max]"),
         (["variants.bottleneck=two_pass", "train.loss_on_trace=false"], "needs train.loss_on_trace=true"),
     ]:
         with pytest.raises(ConfigError) as err:
@@ -303,7 +306,7 @@ def test_driver_wiring_cot_codes_and_best_of_k(tmp_path, tiny_hf_dir):
     train, _ = write_toy_data(tmp_path, train_size=12, eval_size=1, min_digits=3, max_digits=4)
     cfg = load_config(None, [
         f"run_dir={tmp_path}", "name=v", "rounds=2", f"model.hf_dir={tiny_hf_dir}", f"data.train={train}",
-        "data.examples_per_phase=3", "data.m_max=6", "train.seq_len=128", "train.batch_size=2", "sampler.max_batch=8",
+        "data.examples_per_phase=3", "data.m_max=6", "eval.m_min=4", "train.seq_len=128", "train.batch_size=2", "sampler.max_batch=8",
         "variants.round1_traces=cot_codes", "variants.trace_selection=best_of_k", "variants.k=2"])
     assert [trace_source(cfg.variants, t, p) for t, p in ((1, "a"), (1, "b"), (2, "a"), (2, "b"))] == [
         "cot_codes", "sampled", "best_of_k", "sampled"]

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from abscot_jax.data.roles import Role
 from abscot_jax.fixtures import QWEN_SPECIAL_TOKENS, make_tokenizer
-from abscot_jax.model.attention import Role
 from abscot_jax.model.config import Qwen3Config
 from abscot_jax.model.qwen3 import Qwen3
 from abscot_jax.vocab import (

@@ -30,8 +30,8 @@ def kill_after_step_from_env() -> None:
 
 def tiny_examples(count: int):
     """Fixed random Phase A-like examples (all four roles)."""
+    from abscot_jax.data.roles import Role
     from abscot_jax.data.sequences import make_example
-    from abscot_jax.model.attention import Role
 
     rng = np.random.default_rng(0)
     examples = []

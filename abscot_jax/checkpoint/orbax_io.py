@@ -19,10 +19,12 @@ from flax import nnx
 from orbax.checkpoint import v1 as ocp
 
 from abscot_jax.checkpoint.hf import (
-    CheckpointError, SafetensorsDir, Shardings, abstract_model, assemble, atomic_output_dir, copy_companions,
-    ensure_new_dir, hf_config_dict, hf_tensors, open_hf_dir, read_param, resolve_sharding, write_hf_dir,
+    Shardings, abstract_model, assemble, atomic_output_dir, copy_companions, ensure_new_dir, hf_config_dict,
+    hf_tensors, open_hf_dir, read_param, resolve_sharding, write_hf_dir,
 )
-from abscot_jax.model.config import DTYPES, ConfigError, Qwen3Config
+from abscot_jax.checkpoint.safetensors_io import SafetensorsDir
+from abscot_jax.errors import CheckpointError, ConfigError
+from abscot_jax.model.config import DTYPES, Qwen3Config
 from abscot_jax.model.qwen3 import Qwen3
 
 PARAMS = "params"

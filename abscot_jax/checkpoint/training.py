@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from abscot_jax.checkpoint.hf import CheckpointError
+from abscot_jax.errors import CheckpointError
 
 PHASE_META = "phase.json"
 CHECKPOINTS = "checkpoints"
@@ -29,10 +29,10 @@ def phase_meta(model, mode: str, train_embedding: bool, base_dir: str | Path | N
     from abscot_jax.model.qwen3 import PROJECTIONS
 
     cfg = model.config.replace(vocab_size=model.embed.shape[0])
-    targets = [name for name in PROJECTIONS if getattr(model, f"{name}_lora_a", None) is not None]
+    targets = [name for name in PROJECTIONS if name in model.lora]
     lora = None
     if targets:
-        rank = getattr(model, f"{targets[0]}_lora_a").shape[-1]
+        rank = model.lora[targets[0]].a.shape[-1]
         lora = {"targets": targets, "rank": int(rank), "scale": float(model.lora_scale),
                 "dropout": float(model.lora_dropout), "new_token_start": None, "num_new_tokens": 0}
         if model.embed_delta is not None:

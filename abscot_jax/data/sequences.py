@@ -59,7 +59,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from abscot_jax.model.attention import Role
+from abscot_jax.data.roles import Role
 from abscot_jax.vocab import AbstractVocab, abstract_vocab
 
 EVAL_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -313,6 +313,28 @@ class SequenceBuilder:
         return make_example([(x, Role.PROMPT), (z, Role.ABSTRACT), (y, Role.ANSWER)],
                             example_id=example.id, phase="B", loss_on_trace=self.config.loss_on_trace,
                             trace=tuple(z[1:-1]))
+
+    def curriculum(self, example, step_codes: Sequence[Sequence[int]], k: int) -> SequenceExample | None:
+        """The stepwise curriculum's sequence with the first k CoT steps internalised:
+        `[x; <beginabstract> codes of steps 1..k <endabstract>; <think> steps k+1.. </think>; y]`, the
+        rest of the CoT trained with the answer (plain causal, as the verbal CoT). `step_codes[i]` are
+        step i's codes ([] for every step: the steps are removed). With every step replaced it is
+        Phase B's `[x; z; y]`. None (counted) when it does not fit seq_len or its CoT has no step."""
+        x, y = self.prompt_ids(example), self.answer_ids(example)
+        pieces = self.cot_pieces(example)
+        if not pieces.step_spans:
+            self.report.dropped["no_cot_steps"] += 1
+            return None
+        k = min(k, len(pieces.step_spans))
+        z = self._delimit([int(code) for codes in step_codes[:k] for code in codes][:self.config.m_max])
+        c = pieces.open + pieces.cot + pieces.close
+        rest = [] if k == len(pieces.step_spans) else pieces.open + c[pieces.step_spans[k - 1][1] if k else 1:]
+        if len(x) + len(z) + len(rest) + len(y) > self.config.seq_len:
+            self.report.dropped["too_long"] += 1
+            return None
+        self.report.built += 1
+        return make_example([(x, Role.PROMPT), (z, Role.ABSTRACT), (rest + y, Role.ANSWER)], example_id=example.id,
+                            phase="B", loss_on_trace=self.config.loss_on_trace, trace=tuple(z[1:-1]))
 
     def _delimit(self, trace: list[int]) -> list[int]:
         return [self.vocab.begin_id, *trace, self.vocab.end_id]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from abscot_jax.model.attention import Role
+from abscot_jax.data.roles import Role
 
 # role -> [low, high) token counts of one example
 PHASE_A_SHORT = {Role.PROMPT: (40, 160), Role.COT: (150, 450), Role.ABSTRACT: (10, 66), Role.ANSWER: (20, 120)}

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from abscot_jax.config import RunConfig, load_config
+from abscot_jax.errors import ConfigError
 from abscot_jax.eval.evaluate import (HUB_ID, MODES, RESULTS_FILE, SUMMARY_FILE, dataset_name, evaluate,
                                       summary_lines, write_results)
 from abscot_jax.hostmem import keep_freed_memory
-from abscot_jax.model.config import ConfigError
 
 # The settings a run config gives, and the config value each comes from.
 RUN_SETTINGS = {
@@ -109,7 +109,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from abscot_jax.checkpoint import run_cli  # Ctrl-C: one line, exit 130
+    from abscot_jax.errors import run_cli  # Ctrl-C: one line, exit 130
 
     return run_cli(run, argv, interrupt_line=True)
 
@@ -125,7 +125,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         print(describe(a), flush=True)
         from abscot_jax.data.math500 import load_math500, print_summary
-        from abscot_jax.sampling.engines import check_model_dir
+        from abscot_jax.sampling.engines.base import check_model_dir
 
         check_model_dir(a.model)
         problems, report = load_math500(HUB_ID if a.data == "math500" else a.data, limit=a.limit)
@@ -134,7 +134,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"no usable problems in {a.data}")
         from transformers import AutoTokenizer
 
-        from abscot_jax.stages.context import RunContext
+        from abscot_jax.sampling.engines import make_engine
         from abscot_jax.vocab import has_abstract_tokens
 
         tokenizer = AutoTokenizer.from_pretrained(a.model)
@@ -143,7 +143,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                              "trained with them, or use --mode verbal or direct")
         # The engine as the run's stages build it, with this command's engine and batch size.
         cfg.sampler = dataclasses.replace(cfg.sampler, engine=a.engine, max_batch=a.max_batch)
-        engine = RunContext(cfg).engine(Path(a.model))
+        engine = make_engine(Path(a.model), cfg.sampler)
         records, summary = evaluate(
             engine, tokenizer, problems, mode=a.mode, samples_per_problem=a.samples, m_min=a.m_min, m_max=a.m_max,
             trace_temperature=a.trace_temperature, max_new_tokens=a.max_new_tokens, seed=a.seed,

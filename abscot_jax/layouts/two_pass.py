@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import SequenceExample, make_example
-from abscot_jax.model.attention import Role
 
 
 def role_runs(tokens: np.ndarray, roles: np.ndarray) -> list[tuple[np.ndarray, Role]]:

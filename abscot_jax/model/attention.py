@@ -1,22 +1,13 @@
-"""Token roles, the Abstract-CoT attention mask, and attention kernels.
+"""The Abstract-CoT attention mask and attention kernels.
 
 The mask is defined once here (`reference_mask`); every kernel must agree with it.
 """
 from __future__ import annotations
 
-import enum
-
 import jax
 import jax.numpy as jnp
 
-
-class Role(enum.IntEnum):
-    """Role of each token in a training sequence. Padding has segment id 0 (its role is ignored)."""
-
-    PROMPT = 0
-    COT = 1
-    ABSTRACT = 2  # the trace and both delimiters
-    ANSWER = 3
+from abscot_jax.data.roles import Role
 
 
 def reference_mask(segment_ids: jax.Array, roles: jax.Array) -> jax.Array:

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from abscot_jax.model.attention import Role, _first_key_block, _first_occurrence
+from abscot_jax.data.roles import Role
+from abscot_jax.model.attention import _first_key_block, _first_occurrence
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of 2 (Triton tiles), >= 16 (its smallest matmul)
 _MIN_BLOCK = 16

@@ -8,6 +8,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from abscot_jax.errors import ConfigError
+
 SUPPORTED_ARCHITECTURE = "Qwen3ForCausalLM"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Values the layer tags (`jax.ad_checkpoint.checkpoint_name`) for the remat policies to save.
@@ -21,10 +23,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.save_only_these_names(PROJECTION_OUT),
     "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a supported model; the message says what to fix."""
 
 
 @dataclasses.dataclass(frozen=True)

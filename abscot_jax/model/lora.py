@@ -1,10 +1,11 @@
 """LoRA over the stacked Qwen3 projections, plus trainable rows for the new (abstract) tokens.
 
 Our own rather than qwix's: qwix rewrites a model by intercepting its einsums per module, while
-our layers are stacked arrays scanned by one pure function; an adapter here is two more stacked
-arrays read by the same `project` call, which keeps the scan, the sharding rules and the merge
-in a few lines. The base stays frozen (plain `nnx.Param`, bf16 if so configured); adapters and
-new-token rows are `nnx.LoRAParam` (fp32), which is what the trainer selects in LoRA mode.
+our layers are stacked arrays scanned by one pure function; an adapter here (a `LoRAAdapter` in
+the model's `lora` mapping, by projection name) is two more stacked arrays read by the same
+`project` call, which keeps the scan, the sharding rules and the merge in a few lines. The base
+stays frozen (plain `nnx.Param`, bf16 if so configured); adapters and new-token rows are
+`nnx.LoRAParam` (fp32), which is what the trainer selects in LoRA mode.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from abscot_jax.model.config import ConfigError
-from abscot_jax.model.qwen3 import PROJECTIONS, Qwen3, projection_shapes
+from abscot_jax.errors import ConfigError
+from abscot_jax.model.qwen3 import PROJECTIONS, Qwen3, lora_axes, projection_shapes
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -38,6 +39,16 @@ class LoRAConfig:
             raise ConfigError("lora.dropout must be in [0, 1)")
 
 
+class LoRAAdapter(nnx.Module):
+    """The adapter of one projection, stacked over layers: its update is `(h @ a) @ b * scale`
+    (qwen3.lora_delta), a [layers, in, r] and b [layers, r, out]."""
+
+    def __init__(self, name: str, a: jax.Array, b: jax.Array):
+        a_axes, b_axes = lora_axes(name)
+        self.a = nnx.LoRAParam(a, axes=a_axes)
+        self.b = nnx.LoRAParam(b, axes=b_axes)
+
+
 def apply_lora(model: Qwen3, cfg: LoRAConfig, *, new_token_start: int | None = None, num_new_tokens: int = 0,
                seed: int = 0) -> Qwen3:
     """Add adapters in place: A ~ N(0, 1/in) (as PEFT's kaiming-uniform scale), B = 0, so the
@@ -46,11 +57,8 @@ def apply_lora(model: Qwen3, cfg: LoRAConfig, *, new_token_start: int | None = N
     layers = model.config.num_hidden_layers
     for i, name in enumerate(cfg.targets):
         fan_in, fan_out = projection_shapes(model.config)[name]
-        in_axis, out_axis = PROJECTIONS[name][1:]
         a = jax.random.normal(jax.random.fold_in(key, i), (layers, fan_in, cfg.rank), jnp.float32) / fan_in**0.5
-        setattr(model, f"{name}_lora_a", nnx.LoRAParam(a, axes=("layers", in_axis, "lora_rank")))
-        setattr(model, f"{name}_lora_b", nnx.LoRAParam(jnp.zeros((layers, cfg.rank, fan_out)),
-                                                       axes=("layers", "lora_rank", out_axis)))
+        model.lora[name] = LoRAAdapter(name, a, jnp.zeros((layers, cfg.rank, fan_out)))
     model.lora_scale = cfg.alpha / cfg.rank
     model.lora_dropout = cfg.dropout
     if cfg.train_new_token_rows and num_new_tokens:
@@ -65,16 +73,11 @@ def apply_lora(model: Qwen3, cfg: LoRAConfig, *, new_token_start: int | None = N
 def merge_lora(model: Qwen3) -> Qwen3:
     """Fold adapters and new-token deltas into the base weights, in place; the result has no LoRA.
     Merging runs in fp32 and casts back to the base's dtype."""
-    for name in PROJECTIONS:
-        a = getattr(model, f"{name}_lora_a", None)
-        if a is None:
-            continue
-        b = getattr(model, f"{name}_lora_b")
+    for name, adapter in model.lora.items():
         base = getattr(model, name)
-        merged = base[...].astype(jnp.float32) + model.lora_scale * jnp.einsum("lir,lro->lio", a[...], b[...])
-        base[...] = merged.astype(base[...].dtype)
-        delattr(model, f"{name}_lora_a")
-        delattr(model, f"{name}_lora_b")
+        delta = jnp.einsum("lir,lro->lio", adapter.a[...], adapter.b[...])
+        base[...] = (base[...].astype(jnp.float32) + model.lora_scale * delta).astype(base[...].dtype)
+    model.lora = nnx.Dict()
     if model.embed_delta is not None:
         rows = slice(model.new_token_start, model.new_token_start + model.embed_delta[...].shape[0])
         embed = model.embed[...]

@@ -43,14 +43,15 @@ NORMS = {
 
 
 def layer_axes(name: str) -> tuple[str, ...] | None:
-    """Logical axes of one layer's slice of a stacked parameter (None for generation's fused kernels)."""
-    if name in PROJECTIONS or name in NORMS:
-        return {**PROJECTIONS, **NORMS}[name][1:]
-    projection, _, part = name.rpartition("_lora_")
-    if projection in PROJECTIONS:
-        in_axis, out_axis = PROJECTIONS[projection][1:]
-        return (in_axis, "lora_rank") if part == "a" else ("lora_rank", out_axis)
-    return None
+    """Logical axes of one layer's slice of a stacked projection or norm (None for generation's fused kernels)."""
+    axes = {**PROJECTIONS, **NORMS}.get(name)
+    return axes and axes[1:]
+
+
+def lora_axes(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Logical axes of projection `name`'s stacked LoRA arrays: a [layers, in, r], b [layers, r, out]."""
+    layers, in_axis, out_axis = PROJECTIONS[name]
+    return (layers, in_axis, "lora_rank"), (layers, "lora_rank", out_axis)
 
 
 def projection_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, int]]:
@@ -167,9 +168,10 @@ class Qwen3(nnx.Module):
             None if cfg.tie_word_embeddings
             else nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), dtype), axes=("embed", "vocab"))
         )
-        # LoRA adapters (abscot_jax.model.lora adds them): `{proj}_lora_a` [layers, in, r],
-        # `{proj}_lora_b` [layers, r, out], and trainable deltas for the rows of the new tokens
+        # LoRA (abscot_jax.model.lora adds it): `lora` maps a projection's name to its LoRAAdapter
+        # (a [layers, in, r], b [layers, r, out]), and trainable deltas for the rows of the new tokens
         # [new_token_start, new_token_start + n): `embed_delta` [n, D], `head_delta` [D, n] if untied.
+        self.lora = nnx.Dict()
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
         self.new_token_start = 0
@@ -177,13 +179,16 @@ class Qwen3(nnx.Module):
         self.head_delta = nnx.data(None)
 
     # ---- pieces -------------------------------------------------------------------------------
-    def layer_params(self) -> dict[str, jax.Array]:
-        """Stacked per-layer arrays (LoRA adapters included) in compute dtype, scanned over by the forward."""
+    def layer_params(self) -> dict:
+        """Stacked per-layer arrays in compute dtype, scanned over by the forward: each projection
+        and norm by name, and under "lora" an (a, b) pair for each projection with an adapter."""
         dtype = self.config.jnp_compute_dtype
-        names = [*PROJECTIONS, *NORMS, *(f"{p}_lora_{ab}" for p in PROJECTIONS for ab in "ab")]
-        return {n: getattr(self, n)[...].astype(dtype) for n in names if getattr(self, n, None) is not None}
+        params = {n: getattr(self, n)[...].astype(dtype) for n in [*PROJECTIONS, *NORMS]}
+        params["lora"] = {n: (adapter.a[...].astype(dtype), adapter.b[...].astype(dtype))
+                          for n, adapter in self.lora.items()}
+        return params
 
-    def layer_params_list(self) -> list[dict[str, jax.Array]]:
+    def layer_params_list(self) -> list[dict]:
         """`layer_params()` split into one dict per layer, for generation. Compute it once, outside
         a decode loop, and pass it as `decode(layers=...)`: on CPU, XLA copies a stacked
         weight's layer slice at every use (12 MB a layer of the bench model, every step); split
@@ -192,7 +197,7 @@ class Qwen3(nnx.Module):
         "q_proj+k_proj+v_proj"): at decode's few rows, one wide matmul beats three narrow ones."""
         params = self.layer_params()
         for names in FUSED_PROJECTIONS:
-            if not any(f"{n}_lora_a" in params for n in names):
+            if not any(n in params["lora"] for n in names):
                 params["+".join(names)] = jnp.concatenate([params.pop(n) for n in names], axis=-1)
         return [jax.tree.map(lambda p, i=i: p[i], params) for i in range(self.config.num_hidden_layers)]
 
@@ -258,7 +263,7 @@ class Qwen3(nnx.Module):
         return rms_norm(x, self.final_norm[...].astype(x.dtype), cfg.rms_norm_eps)
 
     def decode(self, tokens, positions, segment_ids, cache: KVCache,
-               layers: list[dict[str, jax.Array]] | None = None) -> tuple[jax.Array, KVCache]:
+               layers: list[dict] | None = None) -> tuple[jax.Array, KVCache]:
         """Generation: final-normed hidden states [B, T, hidden] of `tokens` appended at cache slots
         [cache.length, cache.length + T), attending causally to every valid slot (pads have segment
         id 0), and the updated cache. The layers run unrolled, each on its own weights (`layers`,
@@ -286,13 +291,14 @@ class Qwen3(nnx.Module):
 
 
 def project(h, p, name: str, lora_scale: float, dropout: float, key):
-    """h @ p[name], plus its LoRA delta when `p` has the adapters (inputs dropped out at `dropout`)."""
+    """h @ p[name], plus its LoRA delta when `p["lora"]` has an adapter for it (inputs dropped out at
+    `dropout`)."""
     out = h @ p[name]
-    if f"{name}_lora_a" in p:
+    if name in p["lora"]:
         if dropout > 0:
             keep = jax.random.bernoulli(jax.random.fold_in(key, list(PROJECTIONS).index(name)), 1 - dropout, h.shape)
             h = jnp.where(keep, h / (1 - dropout), 0).astype(h.dtype)
-        out = out + lora_delta(h, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora_scale)
+        out = out + lora_delta(h, *p["lora"][name], lora_scale)
     return checkpoint_name(out, PROJECTION_OUT)
 
 
@@ -307,7 +313,10 @@ def decoder_layer(cfg: Qwen3Config, lora_scale: float, dropout: float, x, p: dic
         sizes = [projection_shapes(cfg)[n][1] for n in names]
         return jnp.split(h @ p["+".join(names)], [sum(sizes[:i]) for i in range(1, len(sizes))], axis=-1)
 
-    p = {name: gathered(w, layer_axes(name)) if layer_axes(name) else w for name, w in p.items()}
+    lora = {name: tuple(gathered(w, axes[1:]) for w, axes in zip(pair, lora_axes(name)))
+            for name, pair in p["lora"].items()}
+    p = {name: gathered(w, layer_axes(name)) if layer_axes(name) else w for name, w in p.items() if name != "lora"}
+    p["lora"] = lora
     b, t, _ = x.shape
     h = rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
     q, k, v = project_all(h, ("q_proj", "k_proj", "v_proj"))

@@ -212,6 +212,13 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def batch_rows(n: int, min_batch: int, max_batch: int, multiple: int) -> int:
+    """Rows of the program that generates n <= max_batch prompts: n bucketed within max_batch, then
+    rounded up to a multiple of the mesh's batch shards."""
+    b = max(n, min(bucket(n, min_batch), max_batch))
+    return -(-b // multiple) * multiple
+
+
 class Sampler:
     """Generates for lists of (prompt ids, request) with the constrained-trace logic.
 
@@ -280,8 +287,7 @@ class Sampler:
 
     def _generate_batch(self, prompts, requests, max_new):
         n = len(prompts)
-        b = max(n, min(bucket(n, self.min_batch), self.max_batch))
-        b = -(-b // self.batch_multiple) * self.batch_multiple
+        b = batch_rows(n, self.min_batch, self.max_batch, self.batch_multiple)
         p = bucket(max(len(x) for x in prompts), self.min_prompt_bucket)
         budget = bucket(max(max_new), self.min_new_bucket)
         tokens = np.zeros((b, p), np.int32)

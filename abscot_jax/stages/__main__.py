@@ -8,14 +8,15 @@ from pathlib import Path
 import jax
 
 from abscot_jax import rounds
-from abscot_jax.checkpoint import USER_ERRORS, run_cli
 from abscot_jax.config import load_config
 from abscot_jax.data.dolci import DataError
+from abscot_jax.errors import USER_ERRORS, RunError, run_cli
 from abscot_jax.hostmem import keep_freed_memory_on_cpu
 from abscot_jax.sharding import configure_logging, initialize_distributed, set_device_memory_fraction
 from abscot_jax.stages.base import prepare_base
 from abscot_jax.stages.context import RunContext, write_json_atomic
-from abscot_jax.stages.evaluation import baseline, round_eval
+from abscot_jax.stages.evaluation import baseline, rl_eval, round_eval
+from abscot_jax.stages.rl import rl
 from abscot_jax.stages.traces import phase_traces
 from abscot_jax.stages.training import train_phase, warmup
 from abscot_jax.train.runner import ProcessLost, TrainingDiverged
@@ -23,7 +24,7 @@ from abscot_jax.vocab import VocabError
 
 # Stage.kind -> its function
 STAGE_FUNCTIONS = {"prepare_base": prepare_base, "warmup": warmup, "baseline": baseline, "traces": phase_traces,
-                   "phase": train_phase, "eval": round_eval}
+                   "phase": train_phase, "eval": round_eval, "rl": rl, "rl_eval": rl_eval}
 
 
 def run_stage(run_dir: Path, key: str) -> None:
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run_cli(lambda _: run_stage(Path(run_dir), key), None,
-                       (*USER_ERRORS, DataError, VocabError, rounds.RunError, TrainingDiverged, ProcessLost))
+                       (*USER_ERRORS, DataError, VocabError, RunError, TrainingDiverged, ProcessLost))
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
 

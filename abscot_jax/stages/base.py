@@ -5,7 +5,7 @@ import jax
 from transformers import AutoTokenizer
 
 from abscot_jax.checkpoint import load_hf, save_hf
-from abscot_jax.rounds import RunError
+from abscot_jax.errors import RunError
 from abscot_jax.sharding import sync_processes
 from abscot_jax.stages.context import RunContext
 from abscot_jax.vocab import prepare_model_vocab

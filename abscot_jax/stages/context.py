@@ -11,8 +11,9 @@ import jax
 from abscot_jax.config import RunConfig
 from abscot_jax.data.dolci import load_dolci
 from abscot_jax.data.sequences import SequenceBuilder
-from abscot_jax.rounds import RunError, replace_json
-from abscot_jax.sampling.engines import HFEngine, JaxEngine, VllmOptions, vllm_engine
+from abscot_jax.errors import RunError
+from abscot_jax.rounds import replace_json
+from abscot_jax.sampling.engines import make_engine
 from abscot_jax.sharding import sync_processes
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,7 @@ class RunContext:
         return SequenceBuilder(self.tokenizer, self.cfg.build_config())
 
     def engine(self, model_dir: Path):
-        s = self.cfg.sampler
-        if s.engine == "jax":
-            return JaxEngine.from_dir(model_dir, max_batch=s.max_batch)
-        if s.engine == "hf":
-            return HFEngine(model_dir, max_batch=s.max_batch)
-        return vllm_engine(model_dir, VllmOptions(python=s.python, tensor_parallel_size=s.tensor_parallel_size,
-                                                  data_parallel_size=s.data_parallel_size, max_batch=s.max_batch,
-                                                  gpu_memory_utilization=s.gpu_memory_utilization, dtype=s.dtype))
+        return make_engine(model_dir, self.cfg.sampler)
 
     def check_engine_errors(self, what: str, errors: list, total: int) -> None:
         """Fail the stage (it is not marked done) when more than eval.max_error_fraction of its

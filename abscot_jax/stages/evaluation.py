@@ -1,5 +1,5 @@
-"""The evaluation stages: the starting model's baselines and each round's final model on MATH-500
-(or the configured set); records and summary under the stage's directory."""
+"""The evaluation stages: the starting model's baselines, each round's final model and the rl
+stage's model on MATH-500 (or the configured set); records and summary under the stage's directory."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,3 +35,10 @@ def baseline(ctx: RunContext, mode: str) -> dict:
 def round_eval(ctx: RunContext, t: int) -> dict:
     """Round t's final model with its abstract trace."""
     return evaluate(ctx, ctx.final_model(t), "abstract", ctx.round_dir(t) / "eval")
+
+
+def rl_eval(ctx: RunContext) -> dict:
+    """The rl stage's model in its rl.mode: with its abstract trace (and the random and shuffled
+    trace diagnostics), as a round's model is evaluated, or writing its verbal CoT, as the verbal
+    baseline is."""
+    return evaluate(ctx, ctx.dir / "rl" / "model", ctx.cfg.rl.mode, ctx.dir / "rl" / "eval")

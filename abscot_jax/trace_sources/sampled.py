@@ -6,17 +6,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from abscot_jax.rounds import RunError
+from abscot_jax.errors import RunError
+from abscot_jax.rounds import phase_start
 from abscot_jax.sampling.protocol import SamplingRequest
 from abscot_jax.stages.context import write_json_atomic
 
 
 def source_model(ctx, t: int, phase: str) -> Path:
-    return ctx.final_model(t - 1) if phase == "a" else ctx.round_dir(t) / "model_a"
+    """The model the phase's traces are sampled from: the one the phase starts from."""
+    return ctx.dir / phase_start(ctx.cfg, t, phase)
 
 
-def trace_requests(ctx, builder, examples, *, with_cot: bool) -> list:
-    """One constrained trace request per example that fits seq_len (the builder counts the others)."""
+def trace_requests(ctx, builder, examples, *, with_cot: bool, temperature: float | None = None) -> list:
+    """One constrained trace request per example that fits seq_len (the builder counts the others),
+    at `temperature` (default sampler.trace_temperature)."""
     s, m_max = ctx.cfg.sampler, ctx.cfg.data.m_max
     requests = []
     for i, example in enumerate(examples):
@@ -26,7 +29,8 @@ def trace_requests(ctx, builder, examples, *, with_cot: bool) -> list:
         prompt = [int(t) for t in prompt]
         if with_cot:
             prompt = prompt[:-1]  # condition_ids ends with <beginabstract>, which the sampler forces itself
-        requests.append(SamplingRequest(id=example.id, prompt_ids=prompt, mode="trace", temperature=s.trace_temperature,
+        requests.append(SamplingRequest(id=example.id, prompt_ids=prompt, mode="trace",
+                                        temperature=s.trace_temperature if temperature is None else temperature,
                                         m_min=s.m_min, m_max=m_max, max_new_tokens=m_max + 2,
                                         seed=ctx.cfg.train.seed + i))
     return requests
@@ -45,8 +49,13 @@ def write_traces(ctx, traces: dict, requests: list, model_dir: Path, out: Path, 
 
 
 def make_traces(ctx, examples, *, t: int, phase: str, out) -> dict:
-    model_dir = source_model(ctx, t, phase)
-    requests = trace_requests(ctx, ctx.builder(), examples, with_cot=phase == "a")
+    return sample_traces(ctx, examples, source_model(ctx, t, phase), out, with_cot=phase == "a")
+
+
+def sample_traces(ctx, examples, model_dir: Path, out: Path, *, with_cot: bool, temperature: float | None = None
+                  ) -> dict:
+    """One constrained sample per example from `model_dir`, given x (and c when `with_cot`)."""
+    requests = trace_requests(ctx, ctx.builder(), examples, with_cot=with_cot, temperature=temperature)
     results = ctx.engine(model_dir).run_requests(requests)
     ctx.check_engine_errors(f"trace sampling from {model_dir}",
                             [r.error for r in results if r.finish_reason == "error"], len(requests))

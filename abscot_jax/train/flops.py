@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from abscot_jax.model.attention import Role
+from abscot_jax.data.roles import Role
 from abscot_jax.model.config import Qwen3Config
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity), by device-kind substring.

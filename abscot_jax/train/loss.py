@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from abscot_jax.model.attention import Role
+from abscot_jax.data.roles import Role
 from abscot_jax.model.qwen3 import head_logits
 
 

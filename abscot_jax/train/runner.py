@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from abscot_jax.config import RunConfig
-from abscot_jax.model.config import ConfigError
 from abscot_jax.data.pipeline import make_dataset
+from abscot_jax.errors import ConfigError
 from abscot_jax.progress import Progress
 from abscot_jax.train.flops import peak_tflops, throughput
 from abscot_jax.train.step import BATCH_KEYS, TrainStep, trainable_filter

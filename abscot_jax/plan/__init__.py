@@ -1,9 +1,5 @@
-"""Memory plan: bytes per device for a training config, and whether it fits.
-
-`python -m abscot_jax.plan --config FILE [--set k=v ...] [--hf-config qwen3-4b | DIR | config.json]
-[--devices N] [--device-memory 80GB | h100 | ...]` prints parameters, gradients, optimizer state and
-activations per device for that config and mesh, and says whether they fit. It sizes the devices
-named on the command line; they need not exist on this machine.
+"""Memory plan: bytes per device for a training config (whether it fits: the command line,
+`python -m abscot_jax.plan`, in __main__.py).
 
 `memory_plan` is a pure function of the architecture, the run config and the device count. It
 counts what the code keeps, checked against XLA's own accounting of the compiled train step
@@ -48,17 +44,16 @@ docs/BENCHMARKS.md):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 import types
 from pathlib import Path
 
-from abscot_jax.config import RunConfig, load_config
-from abscot_jax.model.config import ConfigError, Qwen3Config
-from abscot_jax.model.qwen3 import NORMS, PROJECTIONS, norm_sizes, projection_shapes
+from abscot_jax.config import RunConfig
+from abscot_jax.errors import ConfigError
+from abscot_jax.model.config import Qwen3Config
+from abscot_jax.model.qwen3 import NORMS, PROJECTIONS, lora_axes, norm_sizes, projection_shapes
 from abscot_jax.sharding import LOGICAL_RULES, check_tensor_split, spec_for
 from abscot_jax.vocab import NEW_TOKENS
 
@@ -128,9 +123,9 @@ def _parameters(cfg: Qwen3Config, run: RunConfig) -> list[_Array]:
     if mode == "lora":
         r = run.lora.rank
         for name in run.lora.targets:
-            (fan_in, fan_out), (_, in_axis, out_axis) = projection_shapes(cfg)[name], PROJECTIONS[name]
-            arrays.append(_Array(f"{name}_lora_a", (layers, fan_in, r), ("layers", in_axis, "lora_rank"), 4, True, True))
-            arrays.append(_Array(f"{name}_lora_b", (layers, r, fan_out), ("layers", "lora_rank", out_axis), 4, True, True))
+            (fan_in, fan_out), (a_axes, b_axes) = projection_shapes(cfg)[name], lora_axes(name)
+            arrays.append(_Array(f"lora/{name}/a", (layers, fan_in, r), a_axes, 4, True, True))
+            arrays.append(_Array(f"lora/{name}/b", (layers, r, fan_out), b_axes, 4, True, True))
         if run.model.add_abstract_vocab:  # the new tokens' rows train, as fp32 deltas
             n = len(NEW_TOKENS)
             arrays.append(_Array("embed_delta", (n, d), ("new_tokens", "embed"), 4, True))
@@ -264,49 +259,6 @@ def memory_plan(model_cfg: Qwen3Config, run_cfg: RunConfig, num_devices: int) ->
     )
 
 
-# ---- command line ---------------------------------------------------------------------------------
-
-# Memory per device by kind, in GiB, as the driver reports it (nvidia-smi's total; Google's HBM figures).
-DEVICE_KINDS = {
-    "a100-40gb": 40.0, "a100-80gb": 80.0, "h100": 81559 / 1024, "h200": 143771 / 1024,
-    "tpu-v4": 32.0, "tpu-v5e": 16.0, "tpu-v5p": 95.0, "tpu-v6e": 32.0,
-}
-
-
-def parse_device_memory(text: str) -> tuple[float, str]:
-    """`--device-memory`: a device kind, or a size such as 80GB, 80GiB or 80 (all GiB: GPU memory is
-    sold in binary gigabytes, an "80GB" card has 80 GiB or just under). Returns (GiB, description)."""
-    kind = text.strip().lower()
-    if kind in DEVICE_KINDS:
-        return DEVICE_KINDS[kind], f"{kind}: {DEVICE_KINDS[kind]:.1f} GiB"
-    number = kind.removesuffix("gib").removesuffix("gb").strip()
-    try:
-        gib = float(number)
-    except ValueError:
-        raise ConfigError(f"--device-memory {text}: not a size (80GB, 80GiB, 80) nor a device kind "
-                          f"({', '.join(DEVICE_KINDS)})") from None
-    if gib <= 0:
-        raise ConfigError(f"--device-memory {text}: must be more than 0")
-    return gib, f"{gib:g} GiB"
-
-
-def devices_for(run: RunConfig, devices: int | None) -> int:
-    """The device count to size: --devices, else what the config's mesh names (1 when an axis is -1).
-    A mesh whose sizes are all fixed must use exactly --devices."""
-    m = run.mesh
-    sizes = (m.data, m.fsdp, m.tensor)
-    fixed = -1 not in sizes
-    if devices is None:
-        return math.prod(sizes) if fixed else 1
-    if devices < 1:
-        raise ConfigError(f"--devices must be >= 1, got {devices}")
-    if fixed and math.prod(sizes) != devices:
-        raise ConfigError(f"the config's mesh data={m.data} x fsdp={m.fsdp} x tensor={m.tensor} uses "
-                          f"{math.prod(sizes)} devices, not --devices {devices}; set the mesh for {devices} "
-                          f"(e.g. --set mesh.fsdp=-1) or leave --devices out")
-    return devices
-
-
 def load_model_config(source: str, run: RunConfig, option: str = "--hf-config") -> Qwen3Config:
     """A preset name, a config.json, or a directory holding one. `option` names where `source`
     came from, for the error message."""
@@ -327,88 +279,3 @@ def load_model_config(source: str, run: RunConfig, option: str = "--hf-config") 
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except KeyError as e:
         raise ConfigError(f"{path}: no {e.args[0]!r}; not a Qwen3 config.json") from None
-
-
-def format_plan(plan: MemoryPlan, cfg: Qwen3Config, run: RunConfig, device_memory_gib: float | None,
-                device: str = "") -> str:
-    """The plan as a table; with `device_memory_gib`, a verdict against that much memory per device
-    (`device` describes it: "h100: 79.6 GiB")."""
-    t = run.train
-    data, fsdp, tensor = plan.mesh
-    lines = [
-        f"model: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads "
-        f"({cfg.num_key_value_heads} kv) x {cfg.head_dim}, mlp {cfg.intermediate_size}, vocab {cfg.vocab_size}"
-        f"{', tied' if cfg.tie_word_embeddings else ''}",
-        f"run: {t.mode}{f' r={run.lora.rank}' if t.mode == 'lora' else ''}, params {run.model.param_dtype}, "
-        f"compute {run.model.compute_dtype}, remat {run.model.remat}, attention {run.model.attention_impl}, "
-        f"seq {t.seq_len}, batch {t.batch_size} x accum {t.grad_accum}, loss chunk {t.loss_chunk}",
-        f"mesh: data {data} x fsdp {fsdp} x tensor {tensor} = {data * fsdp * tensor} devices"
-        f"{f' ({device} each)' if device else ''}",
-        "",
-        f"{'per device':<52}{'GiB':>10}",
-    ]
-    rows = [
-        ("parameters: frozen", plan.frozen_params),
-        ("parameters: trainable", plan.trainable_params),
-        ("weights in compute dtype / gathered", plan.compute_copy),
-        ("gradients", plan.gradients),
-        ("optimizer state (AdamW m, v)", plan.optimizer),
-        ("activations", plan.activations),
-        *((f"  {name}", value) for name, value in plan.activation_terms.items()),
-    ]
-    lines += [f"{name:<52}{value / GiB:>10.2f}" for name, value in rows]
-    lines.append(f"{'total':<52}{plan.total / GiB:>10.2f}")
-    lines += [f"note: {n}" for n in plan.notes]
-    if device_memory_gib:
-        fraction = t.device_memory_fraction
-        budget = fraction * device_memory_gib * GiB  # what XLA may take (the train command sets it)
-        verdict = "fits" if plan.total <= budget else "does not fit"
-        lines.append(f"{verdict}: {plan.total / GiB:.1f} of {budget / GiB:.1f} GiB per device "
-                     f"({100 * plan.total / budget:.0f}%; train.device_memory_fraction={fraction:g} "
-                     f"of {device_memory_gib:.1f} GiB)")
-        if budget < plan.total <= device_memory_gib * GiB:
-            lines.append(f"note: it would fit with train.device_memory_fraction="
-                         f"{min(1.0, math.ceil(100 * plan.total / (device_memory_gib * GiB)) / 100):g}")
-    return "\n".join(lines)
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, where it has one."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, [], False) else super()._get_help_string(action)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m abscot_jax.plan", description=__doc__.splitlines()[0],
-                                     formatter_class=_Help)
-    parser.add_argument("--config", help="run config YAML (defaults when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.seq_len=4096; repeatable")
-    parser.add_argument("--hf-config", help=f"architecture: a preset ({', '.join(PRESETS)}), a config.json or "
-                                            "an HF model directory (default: model.hf_dir)")
-    parser.add_argument("--devices", type=int,
-                        help="how many devices to size for; they need not exist here "
-                             "(default: the number the config's mesh names, 1 when an axis is -1)")
-    parser.add_argument("--device-memory", default="h100",
-                        help=f"memory per device: a size (80GB, 80GiB and 80 all mean 80 GiB) or a device kind "
-                             f"({', '.join(DEVICE_KINDS)})")
-    args = parser.parse_args(argv)
-    try:
-        run = load_config(args.config, args.overrides)
-        option, source = ("--hf-config", args.hf_config) if args.hf_config else ("model.hf_dir", run.model.hf_dir)
-        if not source:
-            raise ConfigError("no architecture: pass --hf-config (a preset such as qwen3-4b, or a config.json)")
-        devices = devices_for(run, args.devices)
-        device_memory_gib, device = parse_device_memory(args.device_memory)
-        cfg = load_model_config(source, run, option)
-        plan = memory_plan(cfg, run, devices)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_plan(plan, cfg, run, device_memory_gib, device))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
