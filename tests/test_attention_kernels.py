@@ -61,6 +61,7 @@ def rel_err(got, want):
     (4, 2, 64, (16, 16)),  # GQA, T a multiple of the block
     (4, 4, 37, (32, 32)),  # plain multi-head, one ragged query block
 ])
+@pytest.mark.slow
 def test_matches_reference_forward_and_backward(h, kv, t, blocks):
     rng = np.random.default_rng(t)
     b, d = 3, 16
@@ -100,6 +101,7 @@ def test_padding_rows_are_finite_zero_and_give_no_gradient():
     np.testing.assert_array_equal(np.asarray(dv), np.asarray(dv_real))
 
 
+@pytest.mark.slow
 def test_bf16_as_accurate_as_the_reference_in_bf16():
     """bf16 inputs: both kernels accumulate in fp32 but round probabilities to bf16 before P @ V
     (and dS in the backward), ~2^-9 relative each; the blockwise kernel rounds relative to a
@@ -124,6 +126,7 @@ def test_bf16_as_accurate_as_the_reference_in_bf16():
         assert rel_err(o16, t32) <= 2 * rel_err(r16, t32) + 1e-3, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["blockwise", "pallas"])
 def test_answers_never_see_the_cot_bit_exactly(impl):
     """Changing q/k/v at COT positions leaves every ANSWER output bit-identical, and gradients
@@ -203,6 +206,7 @@ def test_implementation_choice():
         bottleneck_attention(q, k, v, seg, roles, "flash9")
 
 
+@pytest.mark.slow
 def test_model_logits_kernels_equal_xla():
     cfg = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10_000.0)

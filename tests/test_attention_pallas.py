@@ -61,6 +61,7 @@ def out_and_grads(impl, cfg, q, k, v, seg, roles, cotangent):
     (3, 75, 4, 1, 64, KernelConfig(32, 16, 16, 32)),   # G = 4; forward and backward tiles differ
     (2, 100, 8, 1, 128, KernelConfig(16, 32, 32, 16)),  # G = 8; block_k > block_q
 ])
+@pytest.mark.slow
 def test_matches_reference_fp32(b, t, h, kv, d, cfg):
     rng = np.random.default_rng(t)
     seg, roles = random_rows(rng, b, t)
@@ -86,6 +87,7 @@ def test_matches_reference_fp32(b, t, h, kv, d, cfg):
     np.testing.assert_array_equal(np.asarray(dv), np.asarray(got[3]))
 
 
+@pytest.mark.slow
 def test_bf16_error_within_the_rounding_bound():
     """bf16 inputs, judged against the fp32 result on the same (bf16) inputs. Each bf16 rounding
     is off by at most u = 2^-9 relative. Two roundings lie on the output's path (P before P @ V,
@@ -127,6 +129,7 @@ def computed_tiles(seg, roles, bq, bk):
     return np.asarray(tile_map(pad(seg), pad(roles), bq, bk))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bq, bk", [(16, 16), (32, 16), (16, 32), (64, 64)])
 def test_computed_tiles_cover_the_mask(bq, bk):
     rng = np.random.default_rng(bq + bk)

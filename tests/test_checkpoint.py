@@ -107,6 +107,7 @@ def bf16_sharded_dir(tmp_path_factory):
 
 
 # ---- parity with transformers -----------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(PARITY_SHAPES))
 def test_fp32_logits_match_transformers(hf_dirs, shape):
     path = hf_dirs[shape]
@@ -251,6 +252,7 @@ def test_orbax_round_trip_same_logits(tiny_untied_sharded_hf_dir, tmp_path):
     assert_bit_exact(tiny_untied_sharded_hf_dir, out)
 
 
+@pytest.mark.slow
 def test_loads_into_target_shardings(tiny_untied_sharded_hf_dir, tmp_path):
     mesh = jax.make_mesh((4,), ("tensor",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,))
     P = jax.sharding.PartitionSpec
@@ -280,6 +282,7 @@ def test_loads_into_target_shardings(tiny_untied_sharded_hf_dir, tmp_path):
 
 
 # ---- command line -----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["fp32", "bf16"])
 def test_cli_round_trip_with_default_flags_is_bit_exact(hf_dirs, bf16_sharded_dir, tmp_path, source):
     """HF -> checkpoint -> HF with no dtype flags keeps the weights' dtype: every tensor bit-identical."""
@@ -321,6 +324,7 @@ def _break_shape(d: Path):
     (_break_architecture, "single", "LlamaForCausalLM"),
     (_break_shape, "single", "has shape [128, 64] but"),
 ])
+@pytest.mark.slow
 def test_bad_input_one_error_line_no_output(tiny_hf_dir, tiny_untied_sharded_hf_dir, tmp_path, breakage, source,
                                             expect):
     src = tmp_path / "src"
@@ -335,6 +339,7 @@ def test_bad_input_one_error_line_no_output(tiny_hf_dir, tiny_untied_sharded_hf_
         load_hf(src)
 
 
+@pytest.mark.slow
 def test_existing_output_is_an_error(tiny_hf_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert run_cli("hf_to_flax.py", "--hf-dir", tiny_hf_dir, "--out", ckpt).returncode == 0

@@ -44,6 +44,7 @@ def token_buffers(found):
     return [(c.kind, dims) for c in found for _, dims in c.shapes if T in dims or SPAN in dims]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fsdp_moves_only_weights_and_gradients(mode, batch):
     found = collectives(trainer(mode, MeshConfig(fsdp=8), jax.devices()[:8]).compile(batch).as_text())
@@ -55,6 +56,7 @@ def test_fsdp_moves_only_weights_and_gradients(mode, batch):
                for c in found for _, dims in c.shapes)
 
 
+@pytest.mark.slow
 def test_fsdp_x_tensor_moves_only_tensor_parallel_partial_sums(batch):
     """fsdp 2 x tensor 4: activations cross devices only as Megatron-style partial sums of the
     row-parallel projections ([rows, T, hidden]) and the vocabulary-parallel loss ([rows, span, hidden]
@@ -68,6 +70,7 @@ def test_fsdp_x_tensor_moves_only_tensor_parallel_partial_sums(batch):
     assert {dims for _, dims in moved} <= allowed, moved
 
 
+@pytest.mark.slow
 def test_sharded_step_losses_equal_one_device(batch):
     """The same two optimizer steps on 1 device and on fsdp 8 / fsdp 2 x tensor 4 (fp32)."""
     def losses(mesh_config, devices):
@@ -87,6 +90,7 @@ def test_tensor_axis_that_does_not_divide_the_heads_is_one_clear_line():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["blockwise", "pallas"])
 @pytest.mark.parametrize("mesh_config", [MeshConfig(fsdp=8), MeshConfig(fsdp=2, tensor=4)])
 def test_fused_attention_runs_on_each_devices_rows(impl, mesh_config, batch):

@@ -64,6 +64,7 @@ def jax_results(jax_engine, requests):
     return jax_engine.run_requests(requests)
 
 
+@pytest.mark.slow
 def test_jax_results_are_well_formed(jax_results, requests, tokenizer):
     by_id = {r.id: r for r in jax_results}
     assert [r.id for r in jax_results] == [r.id for r in requests]
@@ -82,6 +83,7 @@ def test_jax_results_are_well_formed(jax_results, requests, tokenizer):
     assert eval_.answer_length == len(eval_.answer_ids) > 0
 
 
+@pytest.mark.slow
 def test_hf_engine_through_files_matches_jax(model_dir, requests, jax_results):
     """Another process, JSONL in and out, HF's model and cache: the same traces and answers."""
     hf_results = SubprocessEngine("hf", model_dir).run_requests(requests)
@@ -168,6 +170,7 @@ def fake_vllm(hf_model, eos_id, include_stop: bool):
     return generate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("include_stop", [True, False])
 def test_vllm_two_stage_logic_matches_jax(model_dir, tokenizer, requests, jax_results, include_stop):
     """The vLLM engine's stages, run on a stand-in with vLLM's semantics, give the sampler's greedy results."""

@@ -308,6 +308,7 @@ def test_dataset_name():
 
 # ---- the command line on the tiny model ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_end_to_end(model_dir, tmp_path, capsys):
     """Both modes on 3 fixture problems with the JAX engine: the files and their consistency."""
     for mode in ("abstract", "verbal"):
@@ -358,6 +359,7 @@ def test_cli_refuses_an_existing_out(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["summary.json"] and (out / "summary.json").read_text() == "earlier\n"
 
 
+@pytest.mark.slow
 def test_cli_run_evaluates_as_the_run_does(model_dir, tmp_path, capsys):
     """`--run DIR` takes DIR/config.yaml's evaluation settings (none of them the command's defaults):
     the same records and summary as the run's own evaluation stage of that model."""
@@ -402,6 +404,7 @@ def test_help_shows_the_defaults_a_run_would_use(capsys):
     assert "verbal: the model writes freely" in text  # --mode says what each mode is
 
 
+@pytest.mark.slow
 def test_module_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "abscot_jax.eval", "--model", str(tmp_path), "--data", "math500",
                            "--mode", "verbal", "--out", str(tmp_path / "out")], capture_output=True, text=True,

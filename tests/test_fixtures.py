@@ -31,6 +31,7 @@ def build_without_torch(out: Path, seed: int) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_demo_model_is_built_without_torch_as_transformers_initialises_qwen3(tmp_path):
     from abscot_jax.demo import TINY_MODEL
 

@@ -67,6 +67,7 @@ def custom_nll(model, hidden, targets):
     return _head_nll(hidden, model.head_kernel(), model.new_token_kernel(), targets, model.new_token_start)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_fp32_head_backward_equals_autodiff_of_the_plain_formula(tied):
     model = head_model(tied, "float32")
@@ -78,6 +79,7 @@ def test_fp32_head_backward_equals_autodiff_of_the_plain_formula(tied):
         np.testing.assert_allclose(ds[name][...], ref_ds[name][...], rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_bf16_head_backward_is_within_bf16_rounding_of_fp32(tied):
     """Tolerance, element by element. With fp32 d = d nll / d logits [tokens, V] (the same in both

@@ -197,7 +197,7 @@ def test_an_unknown_study_arm_is_one_line(tmp_path):
                              str(tmp_path / "study")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and not (tmp_path / "study").exists()
     last = result.stderr.strip().splitlines()[-1]
-    assert "unknown arm(s) ['stepwise_nope']; choose from variants, m_step, paper," in last and "pause" in last
+    assert "unknown arm(s) ['stepwise_nope']; choose from variants, m_step," in last and "control" in last
 
 
 def test_phase_b_epochs_apply_to_phase_b_only():

@@ -65,6 +65,7 @@ def lora_phase(tmp_path_factory, tiny_untied_sharded_hf_dir):
     return phase_dir, trained, start
 
 
+@pytest.mark.slow
 def test_merged_export_matches_unmerged_jax_logits(lora_phase, tiny_untied_sharded_hf_dir, tmp_path):
     phase_dir, trained, start = lora_phase
     # The adapters and new rows really trained: the merge has something to get right.
@@ -87,6 +88,7 @@ def test_merged_export_matches_unmerged_jax_logits(lora_phase, tiny_untied_shard
     assert (out / "tokenizer.json").is_file()  # the base's tokenizer travels with the export
 
 
+@pytest.mark.slow
 def test_one_step_of_a_phase_exports(lora_phase, tmp_path):
     phase_dir, _, _ = lora_phase
     step_1 = phase_dir / "checkpoints" / "1"
@@ -97,6 +99,7 @@ def test_one_step_of_a_phase_exports(lora_phase, tmp_path):
     assert np.abs(hf_logits(merged_1, toks) - hf_logits(merged_2, toks)).max() > 1e-4  # step 1 != latest (2)
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_errors_are_one_line(lora_phase, tiny_hf_dir, tmp_path):
     phase_dir, _, _ = lora_phase
     out = tmp_path / "out"
@@ -119,6 +122,7 @@ def test_lora_checkpoint_errors_are_one_line(lora_phase, tiny_hf_dir, tmp_path):
     assert done.returncode == 2 and "--base-dir" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_phase_exports_without_a_base(tmp_path):
     """Full mode saves every parameter: the export needs no base and no --merge-lora."""
     from abscot_jax.model.config import Qwen3Config

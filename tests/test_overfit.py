@@ -2,6 +2,7 @@
 import copy
 
 import jax
+import pytest
 from flax import nnx
 
 from abscot_jax.config import load_config
@@ -14,6 +15,7 @@ from abscot_jax.train.runner import run_phase
 from abscot_jax.vocab import add_abstract_tokens
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_tiny_phase_a_dataset(tmp_path, tiny_tokenizer):
     tokenizer = copy.deepcopy(tiny_tokenizer)
     add_abstract_tokens(tokenizer)

@@ -46,6 +46,7 @@ def compiled_peak_bytes(model_cfg: Qwen3Config, run) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", REMAT_POLICIES)
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_plan_within_15_percent_of_compiled_peak(mode, remat):
@@ -56,6 +57,7 @@ def test_plan_within_15_percent_of_compiled_peak(mode, remat):
     assert abs(plan.total - measured) <= 0.15 * measured, (plan.total / 2**20, measured / 2**20)
 
 
+@pytest.mark.slow
 def test_plan_parameters_match_the_sharded_state():
     """Parameters + optimizer state per device equal what the partition rules put on device 0
     (LoRA: frozen base, adapters, new-token rows and their AdamW state, on fsdp 2 x tensor 4)."""
@@ -143,6 +145,7 @@ def verdict_budget_gib(out: str) -> float:
     return float(re.search(r"^(?:fits|does not fit): [\d.]+ of ([\d.]+) GiB per device", out, re.M).group(1))
 
 
+@pytest.mark.slow
 def test_cli_sizes_devices_this_machine_does_not_have():
     """`--devices 2 --device-memory 80GB` in a process that sees one device: the plan of the real
     config for a 2-device mesh, judged against 80 GiB per device."""

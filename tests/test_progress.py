@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from abscot_jax.progress import Progress, amount
@@ -92,6 +93,7 @@ def write_requests_file(path: Path, n: int) -> None:
                                           max_new_tokens=4, seed=i) for i in range(n)])
 
 
+@pytest.mark.slow
 def test_jax_engine_sampling_prints_a_line_per_batch_into_a_pipe(tmp_path, model_dir):
     """The engine CLI on 5 requests in batches of 2, stdout a pipe, a line every item: a line when
     each batch is done (2, 4, 5), then the summary."""
@@ -135,6 +137,7 @@ def tiny_phase(out_dir: Path, *, steps_between_lines: int):
         del os.environ["ABSCOT_PROGRESS_EVERY"]
 
 
+@pytest.mark.slow
 def test_training_phase_lines_and_summary_then_the_export_names_its_step(tmp_path, capsys):
     phase_dir = tmp_path / "round_1" / "phase_a"
     _, summary = tiny_phase(phase_dir, steps_between_lines=2)

@@ -175,6 +175,7 @@ def test_chat_template_renders_qwen3_turns(tok):
 
 # ---- the abstract vocabulary ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_abstract_tokens_land_in_qwen3s_spare_rows(tok):
     import copy
 
@@ -250,6 +251,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_writes_refuses_and_overwrites(tmp_path):
     from transformers import AutoTokenizer
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 # The stage runs in a small process of its own, as in the script: a child's peak RSS (which the
 # stage checks) counts its parent's memory at the fork, and pytest's process is large.
@@ -20,6 +22,7 @@ print(json.dumps(sorted(driver.records)))
 """
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_error_line_each_and_no_output(tiny_untied_sharded_hf_dir, tmp_path):
     shutil.copytree(tiny_untied_sharded_hf_dir, tmp_path / "source")
     done = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], capture_output=True, text=True, timeout=600)

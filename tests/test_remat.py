@@ -51,6 +51,7 @@ def loss_and_grads(remat: str, mode: str, attention_impl: str):
     return jax.jit(jax.value_and_grad(loss))(trainable)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,attention_impl", [("full", "xla"), ("lora", "blockwise")])
 def test_remat_policies_give_the_loss_and_gradients_of_none(mode, attention_impl):
     ref_loss, ref_grads = loss_and_grads("none", mode, attention_impl)

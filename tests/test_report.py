@@ -7,7 +7,8 @@ import re
 import pytest
 
 from abscot_jax.eval.evaluate import summarize
-from abscot_jax.report import accuracy_figure, load_run, write_report
+from abscot_jax.report import load_run, write_report
+from abscot_jax.report_plots import accuracy_figure
 from abscot_jax.rl.curves import rl_figure
 
 ABSTRACT_IDS = list(range(100, 164))

@@ -158,6 +158,7 @@ def rollout_batches(model_dir, tokenizer, toy_files):
     return packed_rollouts(rollouts, cfg.train.seq_len, cfg.train.batch_size)
 
 
+@pytest.mark.slow
 def test_token_logprobs_match_a_dense_forward_under_the_constraint(model_dir, tokenizer, rollout_batches):
     model, vocab = load_hf(model_dir), abstract_vocab(tokenizer)
     temperature = 0.8
@@ -191,6 +192,7 @@ def params_of(trainer):
     return [np.asarray(x) for x in jax.tree.leaves(trainer.trainable())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_no_advantage_no_kl_means_an_exactly_zero_gradient(model_dir, tokenizer, toy_files, rollout_batches, one_device,
                                                             mode):
@@ -214,6 +216,7 @@ def lora_model(model_dir, vocab):
                       new_token_start=min(vocab.all_new_ids), num_new_tokens=len(vocab.all_new_ids))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_kl_is_zero_at_the_reference_weights_and_grows_after_updates(model_dir, tokenizer, toy_files,
                                                                       rollout_batches, one_device, mode):
@@ -228,6 +231,7 @@ def test_kl_is_zero_at_the_reference_weights_and_grows_after_updates(model_dir, 
     assert trainer.step(rollout_batches, updates=1)["kl"] > 0
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_base_with_adapters_off(model_dir, tokenizer, rollout_batches):
     vocab = abstract_vocab(tokenizer)
     batch = rollout_batches[0]
@@ -304,6 +308,7 @@ def test_judge_failures_are_counted_and_dropped_never_scored_zero(judge_server):
     assert len(judge_server.calls) == 1 + 2 + 2 + 2  # each failed call retried once
 
 
+@pytest.mark.slow
 def test_a_step_trains_only_on_rollouts_the_judge_scored(model_dir, tokenizer, toy_files, judge_server):
     cfg = rl_config(toy_files, "rl.reward=judge", f"rl.judge_url={judge_server.url}", "rl.judge_model=m",
                     "rl.judge_retries=0", "rl.judge_concurrency=1", "rl.rollouts_per_prompt=2")

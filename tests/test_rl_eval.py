@@ -35,6 +35,7 @@ def files(out_dir) -> tuple[dict, str]:
     return json.loads((out_dir / "summary.json").read_text()), (out_dir / "results.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_abstract_rl_eval_is_the_round_eval_with_trace_diagnostics(tmp_path, eval_file, model_dir):
     ctx = run_context(tmp_path, eval_file, model_dir, "abstract")
     assert rl_eval(ctx) == round_eval(ctx, 1)
@@ -46,6 +47,7 @@ def test_abstract_rl_eval_is_the_round_eval_with_trace_diagnostics(tmp_path, eva
     assert all("random_trace_correct" in json.loads(line) for line in records.splitlines())
 
 
+@pytest.mark.slow
 def test_verbal_rl_eval_is_the_verbal_baseline(tmp_path, eval_file, model_dir):
     ctx = run_context(tmp_path, eval_file, model_dir, "verbal")
     assert rl_eval(ctx) == baseline(ctx, "verbal")

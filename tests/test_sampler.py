@@ -67,6 +67,7 @@ def hf_greedy(hf_model, prompts, new_tokens):
     return out[:, width:].tolist()
 
 
+@pytest.mark.slow
 def test_greedy_matches_hf_generate(sampler, hf_model):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, n).tolist() for n in (3, 11, 17, 6, 30)]  # one batch, lengths differ
@@ -177,6 +178,7 @@ request_strategy = st.builds(
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model_seed=st.integers(0, 2**31 - 1), std=st.sampled_from([0.02, 0.2, 0.6]),
        requests=st.lists(request_strategy, min_size=1, max_size=8))
+@pytest.mark.slow
 def test_trace_properties_over_random_models(sampler, model_seed, std, requests):
     random = sampler.with_model(nnx.merge(sampler.graphdef, _random_params(sampler.params, model_seed, std)))
     out = random.generate([r.prompt_ids for r in requests], requests, [r.budget() for r in requests])
@@ -282,6 +284,7 @@ def test_a_request_samples_the_same_in_any_batch(sampler):
     assert sampler.generate([r.prompt_ids], [other_seed], [20])[0] != alone
 
 
+@pytest.mark.slow
 def test_sharded_batch_matches_single_device(model_dir, vocab, sampler):
     from abscot_jax.sharding import MeshConfig, make_mesh
 
@@ -299,6 +302,7 @@ def test_sharded_batch_matches_single_device(model_dir, vocab, sampler):
 
 # ---- layer weights: split before the loop, or indexed inside it ---------------------------------
 
+@pytest.mark.slow
 def test_weights_indexed_in_the_loop_match_hf_generate(model_dir, hf_model):
     indexed = Sampler(load_hf(model_dir), eos_id=EOS, split_layers=False, **BUCKETS)
     rng = np.random.default_rng(0)
@@ -307,6 +311,7 @@ def test_weights_indexed_in_the_loop_match_hf_generate(model_dir, hf_model):
     assert [tokens for tokens, _ in ours] == hf_greedy(hf_model, prompts, 24)
 
 
+@pytest.mark.slow
 def test_bf16_weights_on_cpu_are_converted_one_layer_at_a_time():
     """XLA:CPU runs bf16 dots in fp32, converting each weight. Indexed in the loop (the default for
     bf16 on CPU), one layer's conversion is live at a time: adding layers adds only their KV cache to

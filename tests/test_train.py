@@ -57,6 +57,7 @@ def grads_on_mesh(mesh_config, devices, mode="full"):
     return jax.tree.map(np.asarray, grads), {k: float(v) for k, v in sums.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("mesh_config", [MeshConfig(fsdp=2, tensor=4), MeshConfig(data=8, fsdp=1)])
 def test_sharded_loss_and_grads_equal_single_device(mesh_config, mode):
@@ -83,6 +84,7 @@ def plain_loss_sums(model, batch):
             "answer_nll": jnp.sum(nll * w * (target_role == Role.ANSWER))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparse", [False, True])
 def test_chunked_loss_and_grads_equal_plain_loss(sparse):
     model = Qwen3(CFG, rngs=nnx.Rngs(1))
@@ -105,6 +107,7 @@ def test_chunked_loss_and_grads_equal_plain_loss(sparse):
             assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7
 
 
+@pytest.mark.slow
 def test_lora_delta_gradients_equal_autodiff_of_the_formula():
     from abscot_jax.model.qwen3 import lora_delta
 
@@ -123,6 +126,7 @@ def test_lora_delta_gradients_equal_autodiff_of_the_formula():
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch():
     one = random_batch(seed=5, accum=1, b=8)
     two = {k: v.reshape(2, 4, *v.shape[2:]) for k, v in one.items()}
@@ -134,6 +138,7 @@ def test_grad_accumulation_equals_one_big_batch():
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
 
 
+@pytest.mark.slow
 def test_lora_zero_b_is_base_and_step_touches_only_adapters_and_new_rows(tmp_path):
     model = Qwen3(CFG.replace(tie_word_embeddings=False), rngs=nnx.Rngs(3))
     batch = random_batch(seed=6)

@@ -149,6 +149,7 @@ def independent_logliks(model, builder, example, trace, length=96):
     return answer, trace
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", [0.0, 0.5])
 def test_best_of_k_keeps_the_argmax_of_independent_scores(tok, model, prior):
     builder = SequenceBuilder(tok, BuildConfig(seq_len=96, m_max=6))
@@ -296,6 +297,7 @@ def test_variants_config_keys_load_and_typos_are_named():
 
 # ---- the round driver calls them ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_driver_wiring_cot_codes_and_best_of_k(tmp_path, tiny_hf_dir):
     from abscot_jax.data.toy import write_toy_data
     from abscot_jax.stages.base import prepare_base

@@ -185,6 +185,7 @@ def test_seed_and_sigma_are_honoured(tok):
     assert abs((ea - ea.mean(axis=0)).std() - 0.1) < 0.1 * 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_without_spare_rows_is_grown(tok, tied):
     vocab = add_abstract_tokens(tok)
@@ -223,6 +224,7 @@ def test_growth_pads_to_a_multiple_and_initialises_the_padding(tok):
     np.testing.assert_allclose(embed1[512:], np.broadcast_to(embed0.mean(axis=0), (128, HIDDEN)), atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sharding_is_kept_in_place_and_when_growing(tok):
     vocab = add_abstract_tokens(tok)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
@@ -242,6 +244,7 @@ def test_sharding_is_kept_in_place_and_when_growing(tok):
         np.testing.assert_array_equal(rows_of(model)[0][:512], embed0[:512])
 
 
+@pytest.mark.slow
 def test_bf16_params_stay_bf16(tok):
     vocab = add_abstract_tokens(tok)
     model = make_model(N0 + 128, tied=True, param_dtype="bfloat16")

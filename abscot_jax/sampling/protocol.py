@@ -244,3 +244,17 @@ def read_results(path: str | Path) -> list[SamplingResult]:
             raise ValueError(f"{path}:{n}: {problem}")
         results.append(SamplingResult.from_dict(obj))
     return results
+
+
+def in_length_batches(prompts: Sequence, requests: Sequence, limits: Sequence[int], max_batch: int,
+                      generate_batch) -> list:
+    """`generate_batch(prompts, requests, limits)` over batches of at most `max_batch` prompts of
+    similar lengths (sorted by length, so a batch pads little); the results in the prompts' order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [None] * len(prompts)
+    for start in range(0, len(order), max_batch):
+        chunk = order[start:start + max_batch]
+        results = generate_batch([prompts[i] for i in chunk], [requests[i] for i in chunk], [limits[i] for i in chunk])
+        for i, result in zip(chunk, results):
+            out[i] = result
+    return out

@@ -28,7 +28,7 @@ from flax import nnx
 
 from abscot_jax.model.qwen3 import KVCache, Qwen3
 from abscot_jax.sampling import constraints as C
-from abscot_jax.sampling.protocol import SamplingRequest, stop_ids
+from abscot_jax.sampling.protocol import SamplingRequest, in_length_batches, stop_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,15 +275,7 @@ class Sampler:
                  max_new: Sequence[int]) -> list[tuple[list[int], bool]]:
         """(generated ids, finished on a stop) per prompt; `max_new[i]` caps row i. Inputs must be
         valid (see protocol.prompt_token_ids): this level does no checking."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-        out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
-        for start in range(0, len(order), self.max_batch):
-            chunk = order[start:start + self.max_batch]
-            results = self._generate_batch([prompts[i] for i in chunk], [requests[i] for i in chunk],
-                                           [max_new[i] for i in chunk])
-            for i, result in zip(chunk, results):
-                out[i] = result
-        return out
+        return in_length_batches(prompts, requests, max_new, self.max_batch, self._generate_batch)
 
     def _generate_batch(self, prompts, requests, max_new):
         n = len(prompts)

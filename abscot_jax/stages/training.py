@@ -128,8 +128,8 @@ def train_curriculum(ctx: RunContext, t: int, codes: dict) -> dict:
                 built.append(sequence)
         print(f"  curriculum stage {stage}/{v.curriculum_stages} data: {builder.report}", flush=True)
         if not built:
-            raise RunError(f"no curriculum example fits train.seq_len={ctx.cfg.train.seq_len} ({builder.report}); "
-                           "raise train.seq_len")
+            raise RunError(f"no curriculum example was built ({builder.report}): the CoTs have no steps, or none "
+                           f"fits train.seq_len={ctx.cfg.train.seq_len}")
         model, summary = run_phase(model, built, phase_config(ctx.cfg, "b"), rd / "phase_b" / f"stage_{stage}", mesh,
                                    base_dir=init)
         summaries.append({**summary, "examples": len(built)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abscot_jax.sampling.engines.base import (
     LocalEngine, check_model_dir, end_of_turn_id, load_abstract_vocab, model_context,
 )
+from abscot_jax.sampling.protocol import in_length_batches
 
 
 class HFEngine(LocalEngine):
@@ -31,15 +32,7 @@ class HFEngine(LocalEngine):
         self.device, self.max_batch = device, max_batch
 
     def _generate(self, prompts, requests, limits):
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out = [None] * len(prompts)
-        for start in range(0, len(order), self.max_batch):
-            chunk = order[start:start + self.max_batch]
-            results = self._generate_batch([prompts[i] for i in chunk], [requests[i] for i in chunk],
-                                           [limits[i] for i in chunk])
-            for i, result in zip(chunk, results):
-                out[i] = result
-        return out
+        return in_length_batches(prompts, requests, limits, self.max_batch, self._generate_batch)
 
     def _generate_batch(self, prompts, requests, limits):
         import torch
