@@ -27,7 +27,7 @@ from abscot_jax.rl.trainer import PolicyTrainer
 from abscot_jax.sampling.engines.base import end_of_turn_id, load_abstract_vocab
 from abscot_jax.sampling.protocol import SamplingResult, make_result
 from abscot_jax.sampling.sampler import Sampler, TraceTokens
-from abscot_jax.train.runner import MetricsLog, _restore_latest, _save
+from abscot_jax.train.runner import MetricsLog, restore_latest, save_step
 
 
 def step_line(record: dict, steps: int) -> str:
@@ -108,7 +108,7 @@ def run_rl(model, prompts: list, reward, cfg, out_dir: str | Path, mesh, *, toke
     stream = PromptStream(len(prompts), t.seed)
     manager = ocp.CheckpointManager((out_dir / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(
         max_to_keep=t.keep_checkpoints, create=True, enable_async_checkpointing=False))
-    start = _restore_latest(manager, trainer, trainer.saved_part, stream, trainer.wrt) or 0
+    start = restore_latest(manager, trainer, trainer.saved_part, stream, trainer.wrt) or 0
     metrics_log = MetricsLog(out_dir, start)
     one_step = RolloutStep(sampler, trainer, reward, cfg, tokenizer)
     bar = Progress("rl", rl.steps, unit="steps", initial=start)
@@ -122,7 +122,7 @@ def run_rl(model, prompts: list, reward, cfg, out_dir: str | Path, mesh, *, toke
             if step == 0 or step + 1 == rl.steps:
                 say(step_line(record, rl.steps))
             if (step + 1) % rl.checkpoint_every == 0 or step + 1 == rl.steps:
-                _save(manager, step + 1, trainer.saved_part(), stream)
+                save_step(manager, step + 1, trainer.saved_part(), stream)
     except BaseException:
         bar.close(summary=False)  # the error says where it stopped
         raise

@@ -116,11 +116,12 @@ def train_curriculum(ctx: RunContext, t: int, codes: dict) -> dict:
     examples = [e for e in ctx.split(f"round_{t}_b") if e.id in codes]
     per_step = v.codes_per_step + v.step_separator  # a step's trace tokens
     init = ctx.dir / phase_start(ctx.cfg, t, "b")
+    steps = {e.id: len(ctx.builder().cot_pieces(e).step_spans) for e in examples}  # tokenised once, not per sub-phase
     model, mesh, summaries = load_for_training(ctx, init), make_mesh(ctx.cfg.mesh), []
     for stage in range(1, v.curriculum_stages + 1):
         builder, built = ctx.builder(), []
         for example in examples:
-            n = len(builder.cot_pieces(example).step_spans)
+            n = steps[example.id]
             z = codes[example.id] if v.curriculum_fill == "codes" else []
             step_codes = [z[i * per_step:(i + 1) * per_step] for i in range(n)]
             sequence = builder.curriculum(example, step_codes, curriculum_steps(stage, v.curriculum_stages, n))

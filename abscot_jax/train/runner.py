@@ -129,7 +129,7 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
         return {"trainable": nnx.state(model, wrt).to_pure_dict(), "optimizer": nnx.state(optimizer).to_pure_dict()}
 
     start = 0
-    restored_step = _restore_latest(manager, trainer, saved_part, data_iter, wrt)
+    restored_step = restore_latest(manager, trainer, saved_part, data_iter, wrt)
     if restored_step is not None:
         start = restored_step
         log.info("resumed from step %d", start)
@@ -168,7 +168,7 @@ def run_phase(model, examples, cfg: RunConfig, out_dir: str | Path, mesh, *, pro
             tokens += record["processed_tokens"]
             bar.update(1, loss=metrics["loss"], **{"tokens/s": f"{record['tokens_per_s']:,.0f}"})
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps:
-                _save(manager, step + 1, saved_part(), data_iter)
+                save_step(manager, step + 1, saved_part(), data_iter)
     except BaseException:
         bar.close(summary=False)  # the error says where it stopped
         raise
@@ -192,7 +192,7 @@ def _last_checkpoint(manager, out_dir: Path) -> str:
     return f"{'step ' + str(latest) if latest is not None else 'none'} in {out_dir / 'checkpoints'}"
 
 
-def _save(manager, step: int, state: dict, data_iter) -> None:
+def save_step(manager, step: int, state: dict, data_iter) -> None:
     # Every process calls save: each writes its shards of the arrays. The JSON item is written by
     # process 0 alone, so it holds every process's data position (each reads its own shard).
     manager.save(step, args=ocp.args.Composite(
@@ -214,7 +214,7 @@ def _all_processes(state: dict) -> list[dict]:
     return [json.loads(bytes(b).rstrip(b"\0")) for b in blobs]  # JSON text never contains NUL
 
 
-def _restore_latest(manager, trainer: TrainStep, saved_part, data_iter, wrt) -> int | None:
+def restore_latest(manager, trainer: TrainStep, saved_part, data_iter, wrt) -> int | None:
     """Restore the newest readable checkpoint; a corrupt one is skipped with a warning."""
     for step in sorted(manager.all_steps(), reverse=True):
         try:
