@@ -129,6 +129,9 @@ class VariantsSection:
     # cot_codes: the last abstract token after each step's codes (the codebook uses the other 63), so
     # steps sit at the same relative positions as in the verbal CoT, where a newline follows each step
     step_separator: bool = False
+    # cot_codes in round 1: noise (the vocabulary's initial rows) | step_tokens (before Phase A each
+    # code's rows become the mean of the rows of the CoT tokens it encodes; abscot_jax/code_rows.py)
+    code_rows: str = "noise"
     trace_prior_weight: float = 0.0  # best_of_k: score = log p(y | x, z) + this * log p(z | x)
     # Phase B's traces (the M-step's targets): sampled (the paper: z ~ p_A(z | x)) | cot_codes (the
     # round's codebook applied to the Phase B split's own CoT) | posterior (z ~ p_A(z | x, c))
@@ -237,6 +240,10 @@ class RunConfig:
             (v.code_layer >= -1, "variants.code_layer must be -1 (middle layer) or a layer number >= 0"),
             (1 <= v.codes_per_step + v.step_separator <= self.data.m_max,
              "variants.codes_per_step (+1 with step_separator) must be in [1, data.m_max]"),
+            (v.code_rows in ("noise", "step_tokens"), "variants.code_rows must be 'noise' or 'step_tokens'"),
+            (v.code_rows == "noise" or v.round1_traces == "cot_codes",
+             "variants.code_rows=step_tokens sets the codes' rows from round 1's CoT codes: it needs "
+             "variants.round1_traces=cot_codes"),
             (v.phase_b_traces in PHASE_B_SOURCES, f"variants.phase_b_traces must be one of {', '.join(PHASE_B_SOURCES)}"),
             (not v.select_phase_b or v.phase_b_traces == "sampled",
              "variants.select_phase_b selects among sampled traces: it needs variants.phase_b_traces=sampled"),

@@ -3,16 +3,17 @@
 Arms: the trace variants (docs/variants.md; group `variants`, T rounds each, --rounds) and the
 M-step arms (group `m_step`, one round on 6,000 problems a phase, after a warm-up twice the demo's):
 Phase B on the CoT's own codes from the embedding layer (`control`: a bijection of the partial
-sums, which must reach the verbal-CoT level), from the middle layer, on posterior samples
-z ~ p_A(z | x, c), the stepwise-internalisation curriculum (codes, or steps removed) and pause
-tokens. `--arms m_step` then prints `control own=… random=… shuffled=… verbal=…` and, last,
+sums, which must reach the verbal-CoT level), from the middle layer (its codes' rows first set from
+the tokens they encode, `codes_middle_rows`, or not), on posterior samples z ~ p_A(z | x, c), the
+stepwise-internalisation curriculum (codes, or steps removed) and pause tokens. `--arms m_step` then prints `control own=… random=… shuffled=… verbal=…` and, last,
 `best_arm=<name> …` for the arm whose own trace beats the random and shuffled ones by most.
 The RL arms (group `rl`, docs/rl.md; on the M-step arms' shared start): GRPO with the toy reward
 in verbal mode from the warm-up (`rl_verbal`, the paper's verbal SFT + RL baseline) and in abstract
-mode after one round of the paper's method (`rl_paper`), each evaluated on the held-out problems by
-its rl_eval stage. Each prints, after the lines above, `arm=rl_verbal start=<shared verbal-CoT
-accuracy> end=<after RL>` or `arm=rl_paper start=<round 1 own-trace accuracy> end=<after RL> own=…
-random=… shuffled=…`; study.json holds their per-step reward curves.
+mode after one round of the paper's method (`rl_paper`) and on codes_middle's model (`rl_m_step`),
+each evaluated on the held-out problems by its rl_eval stage. Each prints, after the lines above,
+`arm=rl_verbal start=<shared verbal-CoT accuracy> end=<after RL>` or `arm=rl_paper start=<round 1
+own-trace accuracy> end=<after RL> own=… random=… shuffled=…`; study.json holds their per-step
+reward curves.
 
 One shared start under OUT/shared: the demo's tiny model and toy data (abscot_jax.demo), its
 verbal-CoT warm-up and the verbal-CoT and direct-answer baselines. Every arm's run directory
@@ -61,12 +62,12 @@ VARIANTS = {
 # twice as long as the demo (1,200 steps): at 600 the warm-up leaves its loss plateau on some data
 # orders and not on others (docs/notes/2026-11-28-toy-warmup.md), and the control needs a model that
 # has learned the sums.
-M_STEP_SIZES = ["rounds=1", "data.examples_per_phase=6000", "train.epochs=2", "train.phase_b_epochs=16",
+M_STEP_SIZES = ["rounds=1", "data.examples_per_phase=6000", "train.epochs=2", "train.phase_b_epochs=8",
                 "eval.limit=200"]
 # Codes one token a step put step j at another distance from its digit than the warm-up's verbal CoT
 # (a newline after each step): without the separator the control learned the first code only.
 SEPARATED = ["variants.step_separator=true"]  # 12 steps: 24 trace tokens, the demo's m_max
-CURRICULUM_EPOCHS = "train.phase_b_epochs=4"  # a sub-phase each; four sub-phases: 16 epochs, as the others
+CURRICULUM_EPOCHS = "train.phase_b_epochs=2"  # a sub-phase each; four sub-phases: 8 epochs, as the others
 M_STEP_SHARED = ["data.warmup_examples=19200"]
 M_STEP_TOY_ROWS = 32000  # 19,200 warm-up + 2 x 6,000 problems
 M_STEP = {
@@ -74,6 +75,9 @@ M_STEP = {
     "control": [*M_STEP_SIZES, *SEPARATED, "variants.round1_traces=cot_codes", "variants.phase_b_traces=cot_codes",
                 "variants.code_layer=0"],
     "codes_middle": [*M_STEP_SIZES, *SEPARATED, "variants.round1_traces=cot_codes", "variants.phase_b_traces=cot_codes"],
+    # the same, each code's rows first set to the mean rows of the CoT tokens it encodes
+    "codes_middle_rows": [*M_STEP_SIZES, *SEPARATED, "variants.round1_traces=cot_codes",
+                          "variants.phase_b_traces=cot_codes", "variants.code_rows=step_tokens"],
     "posterior": [*M_STEP_SIZES, *SEPARATED, "variants.round1_traces=cot_codes", "variants.phase_b_traces=posterior"],
     "stepwise_codes": [*M_STEP_SIZES, *SEPARATED, CURRICULUM_EPOCHS, "variants.curriculum=stepwise",
                        "variants.code_layer=0"],
@@ -87,7 +91,12 @@ RL_SIZES = ["rl.reward=toy", "rl.steps=400", "rl.prompts_per_step=8", "rl.rollou
 RL = {
     "rl_verbal": [*RL_SIZES, "rl.mode=verbal"],  # no rounds: from the warm-up model
     "rl_paper": ["rounds=1", *RL_SIZES, "rl.mode=abstract"],  # from round 1's final model
+    "rl_m_step": [*M_STEP["codes_middle"], *RL_SIZES, "rl.mode=abstract"],
 }
+# An RL arm on an M-step arm's model: its run links that arm's round 1 (run first if it has not) and
+# adds the rl stages. codes_middle: the best M-step arm whose code the method finds itself (the
+# embedding-layer codes of control and stepwise_codes are a bijection of the sums by construction).
+RL_FROM = {"rl_m_step": "codes_middle"}
 ARMS = {**VARIANTS, **M_STEP, **RL}
 GROUPS = {"variants": list(VARIANTS), "m_step": list(M_STEP), "rl": list(RL)}
 CONTROL = "control"
@@ -111,6 +120,18 @@ def share_start(shared: rounds.Ledger, run_dir: Path) -> None:
     if not state_path.exists():
         done = {k: v for k, v in shared.state["done"].items() if is_setup_stage(k)}
         rounds.write_json(state_path, {"done": done})
+
+
+def link_source_round(out: Path, name: str) -> None:
+    """Point RL arm `name`'s run at its source arm's round 1: a link, and that round's stages done."""
+    source, run_dir = out / RL_FROM[name], out / name
+    link = run_dir / "round_1"
+    if not link.is_symlink():
+        link.symlink_to(Path("..") / source.name / "round_1")
+    state = json.loads((run_dir / "state.json").read_text())
+    source_done = json.loads((source / "state.json").read_text())["done"]
+    state["done"].update({k: v for k, v in source_done.items() if k.startswith("round_1/")})
+    rounds.write_json(run_dir / "state.json", state)
 
 
 def round_seconds(state: dict, t: int) -> dict:
@@ -236,7 +257,11 @@ def main(argv=None) -> int:
                    help=f"toy training rows (default {demo.TOY_TASK['train_size']}, {M_STEP_TOY_ROWS} with an m_step arm)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting of every run")
     args = p.parse_args(argv)
-    names = [a for n in args.arms.split(",") if n for a in GROUPS.get(n, [n])]
+    names = []
+    for arm in (a for n in args.arms.split(",") if n for a in GROUPS.get(n, [n])):
+        for a in ([RL_FROM[arm]] if arm in RL_FROM else []) + [arm]:  # an RL arm's source arm runs first
+            if a not in names:
+                names.append(a)
     unknown = sorted(set(names) - set(ARMS))
     if unknown:
         p.error(f"unknown arm(s) {unknown}; choose from {', '.join(GROUPS)}, {', '.join(ARMS)}")
@@ -280,6 +305,8 @@ def main(argv=None) -> int:
         vcfg = variant_config(out, name, args, shared_settings)
         vcfg.model.hf_dir, vcfg.data.train, vcfg.data.eval = cfg.model.hf_dir, cfg.data.train, cfg.data.eval
         share_start(shared, out / name)
+        if name in RL_FROM:
+            link_source_round(out, name)
         if [e.id for e in RunContext(vcfg).split("warmup")] != [e.id for e in RunContext(cfg).split("warmup")]:
             print(f"error: arm {name} would warm up on other problems than the shared start; keep data.* and "
                   "train.seed the same for every arm", file=sys.stderr)

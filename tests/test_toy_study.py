@@ -140,14 +140,15 @@ def test_m_step_arms_print_the_control_and_the_best_arm(tmp_path):
 
 
 def test_rl_arms_end_with_their_lines(tmp_path):
-    """rl_verbal (GRPO from the warm-up, no rounds) and rl_paper (after round 1, abstract): each last
-    line's figures are those of the runs' own files, and study.json holds each step's reward."""
+    """rl_verbal (GRPO from the warm-up, no rounds), rl_paper (after round 1, abstract) and rl_m_step
+    (on codes_middle's round-1 model): each last line's figures are those of the runs' own files, and
+    study.json holds each step's reward."""
     out = tmp_path / "study"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
     rl = ["rl.steps=2", "rl.prompts_per_step=2", "rl.rollouts_per_prompt=2", "rl.max_new_tokens=40",
           "rl.rollout_batch=4", "rl.checkpoint_every=1"]
-    cmd = [sys.executable, str(ROOT / "scripts" / "toy_study.py"), "--out", str(out), "--arms", "rl_verbal,rl_paper",
+    cmd = [sys.executable, str(ROOT / "scripts" / "toy_study.py"), "--out", str(out), "--arms", "rl_verbal,rl_paper,rl_m_step",
            "--toy-rows", "100", *[a for s in [*TINY, *rl] for a in ("--set", s)]]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -159,19 +160,29 @@ def test_rl_arms_end_with_their_lines(tmp_path):
     verbal_after = read("rl_verbal/rl/eval/summary.json")
     paper_before = read("rl_paper/round_1/eval/summary.json")["diagnostics"]["own_accuracy"]
     paper_after = read("rl_paper/rl/eval/summary.json")
-    d = paper_after["diagnostics"]
+    m_step_before = read("codes_middle/round_1/eval/summary.json")["diagnostics"]["own_accuracy"]
+    m_step_after = read("rl_m_step/rl/eval/summary.json")
     assert verbal_after["mode"] == "verbal" and paper_after["mode"] == "abstract"
-    assert result.stdout.strip().splitlines()[-2:] == [
+
+    def abstract_line(name, before, after):
+        d = after["diagnostics"]
+        return (f"arm={name} start={before:.3f} end={after['accuracy']:.3f} own={d['own_accuracy']:.3f} "
+                f"random={d['random_accuracy']:.3f} shuffled={d['shuffled_accuracy']:.3f}")
+
+    assert result.stdout.strip().splitlines()[-3:] == [
         f"arm=rl_verbal start={verbal_before:.3f} end={verbal_after['accuracy']:.3f}",
-        f"arm=rl_paper start={paper_before:.3f} end={paper_after['accuracy']:.3f} own={d['own_accuracy']:.3f} "
-        f"random={d['random_accuracy']:.3f} shuffled={d['shuffled_accuracy']:.3f}"]
+        abstract_line("rl_paper", paper_before, paper_after), abstract_line("rl_m_step", m_step_before, m_step_after)]
 
     # rl_verbal ran no round and trained the warm-up model; rl_paper trained round 1's final model.
     assert not (out / "rl_verbal" / "round_1").exists()
     assert read("rl_verbal/rl/phase.json")["base_dir"] == str(out / "rl_verbal" / "warmup" / "model")
     assert read("rl_paper/rl/phase.json")["base_dir"] == str(out / "rl_paper" / "round_1" / "model_b")
+    # rl_m_step trained codes_middle's round-1 model, through a link, and left codes_middle's run as it was.
+    assert read("rl_m_step/rl/phase.json")["base_dir"] == str(out / "rl_m_step" / "round_1" / "model_b")
+    assert (out / "rl_m_step" / "round_1").resolve() == (out / "codes_middle" / "round_1").resolve()
+    assert not (out / "codes_middle" / "rl").exists() and "rl" not in read("codes_middle/state.json")["done"]
     study = read("study.json")
-    for name in ("rl_verbal", "rl_paper"):
+    for name in ("rl_verbal", "rl_paper", "rl_m_step"):
         steps = [json.loads(line) for line in (out / name / "rl" / "metrics.jsonl").read_text().splitlines()]
         assert [list(p) for p in study["variants"][name]["rl"]["reward_curve"]] == [[s["step"], s["reward"]] for s in steps]
         assert len(steps) == 2

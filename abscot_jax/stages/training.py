@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 
 from abscot_jax.checkpoint import load_hf, save_hf
+from abscot_jax.code_rows import set_code_rows, step_token_weights
 from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import make_example
 from abscot_jax.errors import RunError
@@ -23,10 +24,14 @@ from abscot_jax.train.runner import run_phase
 from abscot_jax.vocab import abstract_vocab
 
 
-def load_for_training(ctx: RunContext, hf_dir: Path):
+def load_for_training(ctx: RunContext, hf_dir: Path, code_rows: dict | None = None):
+    """The model to train from `hf_dir`, its code rows set from `code_rows` (code_rows.py) and its
+    LoRA adapters added when train.mode is lora."""
     m, t = ctx.cfg.model, ctx.cfg.train
     model = load_hf(hf_dir, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat,
                     attention_impl=m.attention_impl)
+    if code_rows:
+        set_code_rows(model, code_rows)
     if t.mode == "lora":
         new_ids = abstract_vocab(ctx.tokenizer).all_new_ids
         apply_lora(model, ctx.cfg.lora, new_token_start=min(new_ids), num_new_tokens=len(new_ids), seed=t.seed)
@@ -40,9 +45,10 @@ def phase_config(cfg, phase: str):
     return cfg
 
 
-def train_and_export(ctx: RunContext, init_dir: Path, examples, phase_dir: Path, out_dir: Path, phase: str) -> dict:
-    model, summary = run_phase(load_for_training(ctx, init_dir), examples, phase_config(ctx.cfg, phase), phase_dir,
-                               make_mesh(ctx.cfg.mesh), base_dir=init_dir)
+def train_and_export(ctx: RunContext, init_dir: Path, examples, phase_dir: Path, out_dir: Path, phase: str,
+                     code_rows: dict | None = None) -> dict:
+    model, summary = run_phase(load_for_training(ctx, init_dir, code_rows), examples, phase_config(ctx.cfg, phase),
+                               phase_dir, make_mesh(ctx.cfg.mesh), base_dir=init_dir)
     export(ctx, model, out_dir)
     return summary
 
@@ -91,8 +97,14 @@ def train_phase(ctx: RunContext, t: int, phase: str) -> dict:
         raise RunError(f"no Phase {phase.upper()} example fits train.seq_len={ctx.cfg.train.seq_len} "
                        f"({builder.report}); raise train.seq_len")
     init = ctx.dir / phase_start(ctx.cfg, t, phase)
-    summary = train_and_export(ctx, init, examples, rd / f"phase_{phase}", rd / f"model_{phase}", phase)
     extra = {}  # what a variant changed in this phase's data, and its size
+    code_rows = None
+    if v.code_rows == "step_tokens" and t == 1 and phase == "a":  # the first phase on CoT codes
+        split = [e for e in ctx.split("round_1_a") if e.id in traces]
+        code_rows = step_token_weights(builder, split, traces, v.codes_per_step + v.step_separator,
+                                       v.codes_per_step, len(ctx.tokenizer))
+        extra["code_rows_set"] = len(code_rows)
+    summary = train_and_export(ctx, init, examples, rd / f"phase_{phase}", rd / f"model_{phase}", phase, code_rows)
     if phase == "a" and v.bottleneck == "two_pass":
         extra["bottleneck"] = "two_pass"
     if v.weight_by_score and candidates.exists():
