@@ -9,7 +9,7 @@ stepwise-internalisation curriculum (codes, or steps removed) and pause tokens. 
 `best_arm=<name> …` for the arm whose own trace beats the random and shuffled ones by most.
 The RL arms (group `rl`, docs/rl.md; on the M-step arms' shared start): GRPO with the toy reward
 in verbal mode from the warm-up (`rl_verbal`, the paper's verbal SFT + RL baseline) and in abstract
-mode after one round of the paper's method (`rl_paper`) and on codes_middle's model (`rl_m_step`),
+mode after one round of the paper's method (`rl_paper`) and on codes_middle_rows' model (`rl_m_step`),
 each evaluated on the held-out problems by its rl_eval stage. Each prints, after the lines above,
 `arm=rl_verbal start=<shared verbal-CoT accuracy> end=<after RL>` or `arm=rl_paper start=<round 1
 own-trace accuracy> end=<after RL> own=… random=… shuffled=…`; study.json holds their per-step
@@ -91,12 +91,12 @@ RL_SIZES = ["rl.reward=toy", "rl.steps=400", "rl.prompts_per_step=8", "rl.rollou
 RL = {
     "rl_verbal": [*RL_SIZES, "rl.mode=verbal"],  # no rounds: from the warm-up model
     "rl_paper": ["rounds=1", *RL_SIZES, "rl.mode=abstract"],  # from round 1's final model
-    "rl_m_step": [*M_STEP["codes_middle"], *RL_SIZES, "rl.mode=abstract"],
+    "rl_m_step": [*M_STEP["codes_middle_rows"], *RL_SIZES, "rl.mode=abstract"],
 }
 # An RL arm on an M-step arm's model: its run links that arm's round 1 (run first if it has not) and
-# adds the rl stages. codes_middle: the best M-step arm whose code the method finds itself (the
+# adds the rl stages. codes_middle_rows: the best M-step arm whose code the method finds itself (the
 # embedding-layer codes of control and stepwise_codes are a bijection of the sums by construction).
-RL_FROM = {"rl_m_step": "codes_middle"}
+RL_FROM = {"rl_m_step": "codes_middle_rows"}
 ARMS = {**VARIANTS, **M_STEP, **RL}
 GROUPS = {"variants": list(VARIANTS), "m_step": list(M_STEP), "rl": list(RL)}
 CONTROL = "control"

@@ -141,7 +141,7 @@ def test_m_step_arms_print_the_control_and_the_best_arm(tmp_path):
 
 def test_rl_arms_end_with_their_lines(tmp_path):
     """rl_verbal (GRPO from the warm-up, no rounds), rl_paper (after round 1, abstract) and rl_m_step
-    (on codes_middle's round-1 model): each last line's figures are those of the runs' own files, and
+    (on codes_middle_rows' round-1 model): each last line's figures are those of the runs' own files, and
     study.json holds each step's reward."""
     out = tmp_path / "study"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
@@ -160,7 +160,7 @@ def test_rl_arms_end_with_their_lines(tmp_path):
     verbal_after = read("rl_verbal/rl/eval/summary.json")
     paper_before = read("rl_paper/round_1/eval/summary.json")["diagnostics"]["own_accuracy"]
     paper_after = read("rl_paper/rl/eval/summary.json")
-    m_step_before = read("codes_middle/round_1/eval/summary.json")["diagnostics"]["own_accuracy"]
+    m_step_before = read("codes_middle_rows/round_1/eval/summary.json")["diagnostics"]["own_accuracy"]
     m_step_after = read("rl_m_step/rl/eval/summary.json")
     assert verbal_after["mode"] == "verbal" and paper_after["mode"] == "abstract"
 
@@ -177,10 +177,11 @@ def test_rl_arms_end_with_their_lines(tmp_path):
     assert not (out / "rl_verbal" / "round_1").exists()
     assert read("rl_verbal/rl/phase.json")["base_dir"] == str(out / "rl_verbal" / "warmup" / "model")
     assert read("rl_paper/rl/phase.json")["base_dir"] == str(out / "rl_paper" / "round_1" / "model_b")
-    # rl_m_step trained codes_middle's round-1 model, through a link, and left codes_middle's run as it was.
+    # rl_m_step trained codes_middle_rows' round-1 model, through a link, and left that run as it was.
     assert read("rl_m_step/rl/phase.json")["base_dir"] == str(out / "rl_m_step" / "round_1" / "model_b")
-    assert (out / "rl_m_step" / "round_1").resolve() == (out / "codes_middle" / "round_1").resolve()
-    assert not (out / "codes_middle" / "rl").exists() and "rl" not in read("codes_middle/state.json")["done"]
+    source = out / "codes_middle_rows"
+    assert (out / "rl_m_step" / "round_1").resolve() == (source / "round_1").resolve()
+    assert not (source / "rl").exists() and "rl" not in read("codes_middle_rows/state.json")["done"]
     study = read("study.json")
     for name in ("rl_verbal", "rl_paper", "rl_m_step"):
         steps = [json.loads(line) for line in (out / name / "rl" / "metrics.jsonl").read_text().splitlines()]
