@@ -34,10 +34,11 @@ def step_token_weights(builder, examples, traces: Mapping[str, Sequence[int]], p
         for j, (a, b) in enumerate(spans[:len(trace) // per_step]):
             if b <= a:
                 continue
-            step = np.bincount(tokens[a:b], minlength=vocab_size).astype(np.float64) / (b - a)
             for code in trace[j * per_step:j * per_step + codes_per_step]:
-                sums[code] = sums.get(code, 0.0) + step
-                counts[code] = counts.get(code, 0) + 1
+                if code not in sums:
+                    sums[code], counts[code] = np.zeros(vocab_size), 0
+                np.add.at(sums[code], tokens[a:b], 1.0 / (b - a))  # no dense vector per step
+                counts[code] += 1
     return {code: total / counts[code] for code, total in sums.items()}
 
 

@@ -241,9 +241,10 @@ class RunConfig:
             (1 <= v.codes_per_step + v.step_separator <= self.data.m_max,
              "variants.codes_per_step (+1 with step_separator) must be in [1, data.m_max]"),
             (v.code_rows in ("noise", "step_tokens"), "variants.code_rows must be 'noise' or 'step_tokens'"),
-            (v.code_rows == "noise" or v.round1_traces == "cot_codes",
-             "variants.code_rows=step_tokens sets the codes' rows from round 1's CoT codes: it needs "
-             "variants.round1_traces=cot_codes"),
+            (v.code_rows == "noise" or (v.round1_traces == "cot_codes" and v.curriculum == "none"
+                                         and v.trace_source == "rules"),
+             "variants.code_rows=step_tokens sets the codes' rows before round 1's Phase A from its CoT codes: "
+             "it needs variants.round1_traces=cot_codes, no curriculum and trace_source=rules"),
             (v.phase_b_traces in PHASE_B_SOURCES, f"variants.phase_b_traces must be one of {', '.join(PHASE_B_SOURCES)}"),
             (not v.select_phase_b or v.phase_b_traces == "sampled",
              "variants.select_phase_b selects among sampled traces: it needs variants.phase_b_traces=sampled"),

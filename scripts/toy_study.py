@@ -5,8 +5,9 @@ M-step arms (group `m_step`, one round on 6,000 problems a phase, after a warm-u
 Phase B on the CoT's own codes from the embedding layer (`control`: a bijection of the partial
 sums, which must reach the verbal-CoT level), from the middle layer (its codes' rows first set from
 the tokens they encode, `codes_middle_rows`, or not), on posterior samples z ~ p_A(z | x, c), the
-stepwise-internalisation curriculum (codes, or steps removed) and pause tokens. `--arms m_step` then prints `control own=… random=… shuffled=… verbal=…` and, last,
-`best_arm=<name> …` for the arm whose own trace beats the random and shuffled ones by most.
+stepwise-internalisation curriculum (codes, or steps removed) and pause tokens. `--arms m_step`
+then prints `control own=… random=… shuffled=… verbal=…` and, last, `best_arm=<name> …` for
+the arm whose own trace beats the random and shuffled ones by most.
 The RL arms (group `rl`, docs/rl.md; on the M-step arms' shared start): GRPO with the toy reward
 in verbal mode from the warm-up (`rl_verbal`, the paper's verbal SFT + RL baseline) and in abstract
 mode after one round of the paper's method (`rl_paper`) and on codes_middle_rows' model (`rl_m_step`),
@@ -88,15 +89,15 @@ M_STEP = {
 # GRPO arms: 64 rollouts a step (8 prompts x 8) of at most 64 tokens, the toy reward.
 RL_SIZES = ["rl.reward=toy", "rl.steps=400", "rl.prompts_per_step=8", "rl.rollouts_per_prompt=8",
             "rl.max_new_tokens=64", "rl.rollout_batch=64", "rl.learning_rate=1e-4", "rl.checkpoint_every=50"]
-RL = {
-    "rl_verbal": [*RL_SIZES, "rl.mode=verbal"],  # no rounds: from the warm-up model
-    "rl_paper": ["rounds=1", *RL_SIZES, "rl.mode=abstract"],  # from round 1's final model
-    "rl_m_step": [*M_STEP["codes_middle_rows"], *RL_SIZES, "rl.mode=abstract"],
-}
 # An RL arm on an M-step arm's model: its run links that arm's round 1 (run first if it has not) and
 # adds the rl stages. codes_middle_rows: the best M-step arm whose code the method finds itself (the
 # embedding-layer codes of control and stepwise_codes are a bijection of the sums by construction).
 RL_FROM = {"rl_m_step": "codes_middle_rows"}
+RL = {
+    "rl_verbal": [*RL_SIZES, "rl.mode=verbal"],  # no rounds: from the warm-up model
+    "rl_paper": ["rounds=1", *RL_SIZES, "rl.mode=abstract"],  # from round 1's final model
+    **{name: [*M_STEP[source], *RL_SIZES, "rl.mode=abstract"] for name, source in RL_FROM.items()},
+}
 ARMS = {**VARIANTS, **M_STEP, **RL}
 GROUPS = {"variants": list(VARIANTS), "m_step": list(M_STEP), "rl": list(RL)}
 CONTROL = "control"

@@ -22,7 +22,8 @@ def tables(hf_dir):
     """(embedding [V, D], head [V, D] or None when tied) of an HF checkpoint, float64."""
     from safetensors.numpy import load_file
 
-    weights = {k: v.astype(np.float64) for f in sorted(hf_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    weights = {k: v.astype(np.float64) for f in sorted(hf_dir.glob("*.safetensors"))
+               for k, v in load_file(str(f)).items()}
     embed = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
     return embed, weights.get("lm_head.weight")
 
@@ -82,7 +83,9 @@ def test_phase_a_starts_from_the_code_rows(tmp_path, tiny_hf_dir):
 
 
 def test_code_rows_need_cot_codes_and_a_known_name():
-    with pytest.raises(ConfigError, match="needs variants.round1_traces=cot_codes"):
-        load_config(None, ["variants.code_rows=step_tokens"])
+    for without_phase_a_codes in ([], ["variants.round1_traces=cot_codes", "variants.curriculum=stepwise"],
+                                  ["variants.round1_traces=cot_codes", "variants.trace_source=pause"]):
+        with pytest.raises(ConfigError, match="needs variants.round1_traces=cot_codes, no curriculum"):
+            load_config(None, ["variants.code_rows=step_tokens", *without_phase_a_codes])
     with pytest.raises(ConfigError, match="variants.code_rows must be"):
         load_config(None, ["variants.round1_traces=cot_codes", "variants.code_rows=digits"])
