@@ -3,7 +3,8 @@
 
 ABSCOT_KILL_IN is WHO:WHERE. WHO is `stage` (this process SIGKILLs itself), `driver` (it SIGKILLs
 the ledger process, which takes this one with it) or `interrupt` (it sends the ledger SIGINT, as
-Ctrl-C would, and carries on until the ledger passes the signal on). WHERE:
+Ctrl-C would, and waits there until the ledger passes the signal on, so the stage stops at that
+point however slowly the ledger is scheduled). WHERE:
   phase_a_step   after an optimizer step (the second or later) of round 1's Phase A
   phase_b_step   the same in round 1's Phase B
   export         while writing the safetensors of round 1's first HF export
@@ -13,6 +14,7 @@ A marker file in the run's parent directory makes each fault fire once."""
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 
@@ -25,7 +27,8 @@ def main(run_dir: str, key: str) -> int:
             marker.write_text("killed")
             if who == "interrupt":
                 os.kill(os.getppid(), signal.SIGINT)
-                return
+                while True:  # until the forwarded SIGINT raises KeyboardInterrupt here
+                    time.sleep(0.1)
             if who == "driver":
                 os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
