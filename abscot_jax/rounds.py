@@ -32,6 +32,7 @@ process 0 writes the ledger's files.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -263,6 +264,16 @@ class Ledger:
         else:
             raise self.interrupted("between stages", "")
 
+    @contextlib.contextmanager
+    def forwarding_signals(self):
+        """While inside: SIGINT/SIGTERM go to `on_signal` (a stage process is never left running)."""
+        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+
     def interrupted(self, where: str, checkpoints: str) -> Interrupted:
         steps = [int(p.name) for p in (self.dir / checkpoints).glob("[0-9]*")] if checkpoints else []
         latest = f" (latest checkpoint: {self.dir / checkpoints / str(max(steps))})" if steps else ""
@@ -329,8 +340,7 @@ def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Ledger:
                        "with vllm installed")
     ledger = Ledger(cfg)
     start, done_before = time.perf_counter(), len(ledger.state["done"])
-    handlers = {s: signal.signal(s, ledger.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with ledger.forwarding_signals():
         for stage in setup_stages(cfg):
             ledger.run(stage)
         for t in rounds:
@@ -348,7 +358,4 @@ def run(cfg: RunConfig, rounds: list[int], stages=ROUND_STAGES) -> Ledger:
                   if final and final.get("accuracy") is not None else "")
         print(f"[{cfg.name}] done: {len(ledger.state['done']) - done_before} stage(s) run in "
               f"{duration(time.perf_counter() - start)}, {done_before} done before{result}", flush=True)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     return ledger

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from abscot_jax import demo, report, rounds  # noqa: E402
 from abscot_jax.data.toy import partial_sums  # noqa: E402
+from abscot_jax.errors import USER_ERRORS, RunError, run_cli  # noqa: E402
 from abscot_jax.stages.context import RunContext  # noqa: E402
 from abscot_jax.variants import mutual_information  # noqa: E402
 from study_tables import TRACE_FILES, figures, plot, render, trace_cells  # noqa: E402
@@ -272,19 +273,14 @@ def main(argv=None) -> int:
     args.toy_rows = args.toy_rows or (M_STEP_TOY_ROWS if has_m_step else demo.TOY_TASK["train_size"])
     started = time.perf_counter()
 
-    from abscot_jax.errors import USER_ERRORS
-
-    try:
-        cfg = variant_config(out, SHARED, args, shared_settings)
-        for name in names:
-            variant_config(out, name, args, shared_settings)  # every run's settings are valid before anything runs
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = variant_config(out, SHARED, args, shared_settings)
+    for name in names:
+        variant_config(out, name, args, shared_settings)  # every run's settings are valid before anything runs
     demo.prepare_inputs(cfg, out / SHARED, train_size=args.toy_rows)
     shared = rounds.Ledger(cfg)
-    for stage in rounds.setup_stages(cfg):
-        shared.run(stage)
+    with shared.forwarding_signals():
+        for stage in rounds.setup_stages(cfg):
+            shared.run(stage)
     RunContext(cfg).split("warmup")  # writes splits.json (if the warm-up did not)
     eval_questions = {}
     for line in Path(cfg.data.eval).read_text().splitlines():
@@ -355,4 +351,4 @@ def _write(out: Path, study: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, None, (*USER_ERRORS, RunError), interrupt_line=True))

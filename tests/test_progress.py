@@ -185,11 +185,17 @@ sys.exit(run_cli(main, interrupt_line=True))
 """
 
 
+def ctrl_c_default():
+    """In the child before exec: SIGINT handled by default, as in a terminal. A shell that starts
+    pytest in the background sets SIGINT to ignored, which children inherit and Python keeps."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_a_command_gives_one_line_and_exit_130(tmp_path):
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER)
     proc = subprocess.Popen([sys.executable, str(script), "--some", "option"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -206,7 +212,7 @@ def test_ctrl_c_in_an_evaluation_gives_one_line_and_writes_nothing(tmp_path, mod
     proc = subprocess.Popen([sys.executable, "-m", "abscot_jax.eval", "--model", str(model_dir), "--mode", "abstract",
                              "--data", "tests/data/math500_fixture.jsonl", "--out", str(out), "--m-min", "2",
                              "--m-max", "4", "--max-new-tokens", "200"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
     assert proc.stdout.readline().startswith("settings (")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)

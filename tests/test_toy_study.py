@@ -4,6 +4,7 @@ import collections
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,31 @@ def test_rl_arms_end_with_their_lines(tmp_path):
         steps = [json.loads(line) for line in (out / name / "rl" / "metrics.jsonl").read_text().splitlines()]
         assert [list(p) for p in study["variants"][name]["rl"]["reward_curve"]] == [[s["step"], s["reward"]] for s in steps]
         assert len(steps) == 2
+
+
+@pytest.mark.parametrize("bad", [["--set", "train.no_such_setting=1"], ["--set", "variants.curriculum=sideways"]])
+def test_a_bad_setting_stops_the_study_with_one_line_before_anything_runs(tmp_path, bad):
+    out = tmp_path / "study"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "toy_study.py"), "--out", str(out),
+                             "--arms", "control", *bad], capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_ctrl_c_stops_the_study_with_one_line_that_says_how_to_resume(tmp_path):
+    """SIGINT once the shared warm-up has started: the ledger stops its stage process; exit 130 and
+    a last line naming where the study stopped and the command that resumes it, no traceback."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "toy_study.py"), "--out", str(tmp_path / "study"),
+                             "--arms", "paper"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    for line in proc.stdout:
+        if line.startswith("[shared] warmup"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130, err[-3000:]
+    assert lines[-1].startswith("interrupted: ") and "resume with: " in lines[-1], err[-3000:]
+    assert "Traceback" not in err
