@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
+from abscot_jax.files import replace_text
 from abscot_jax.rl.curves import read_steps
 
 DASH = "—"
@@ -322,7 +322,5 @@ def write_report(run_dir: str | Path) -> Path:
     if has_rl(run):
         plot_rl(run, run_dir / RL_PLOT)
     path = run_dir / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(render_markdown(run))
-    os.replace(tmp, path)
+    replace_text(path, render_markdown(run))
     return path

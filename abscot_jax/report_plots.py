@@ -1,17 +1,16 @@
 """The run report's PNG plots (matplotlib is imported only when a report is written)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from abscot_jax.files import replaced
 from abscot_jax.rl.curves import rl_figure
 from abscot_jax.report import BASELINES, PHASES, as_number, chance_level, fmt_percent, rl_label
 
 
 def save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with replaced(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
 
 
 def plot_losses(run: dict, path: Path) -> None:

@@ -52,6 +52,7 @@ import yaml
 
 from abscot_jax.config import RunConfig, to_dict
 from abscot_jax.errors import Interrupted, RunError
+from abscot_jax.files import replace_json
 from abscot_jax.progress import duration
 from abscot_jax.report import write_report
 from abscot_jax.trace_sources import trace_source, uses_jax_devices
@@ -154,13 +155,6 @@ def result_path(run_dir: Path, key: str) -> Path:
 def host_index() -> int:
     """This process's index among the run's hosts, as its launcher set it (no JAX needed)."""
     return int(os.environ.get("ABSCOT_PROCESS_ID") or os.environ.get("SLURM_PROCID") or 0)
-
-
-def replace_json(path: Path, data) -> None:
-    """Write under a temporary name, then rename: the file is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data) -> None:

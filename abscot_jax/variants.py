@@ -9,9 +9,7 @@ trace_sources modules of the same names call them, and abscot_jax/layouts holds 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from abscot_jax.data.dolci import DataError
 from abscot_jax.data.pipeline import first_fit_decreasing, pack_row
 from abscot_jax.data.roles import Role
 from abscot_jax.data.sequences import SequenceExample, make_example
+from abscot_jax.files import replace_json, replaced
 from abscot_jax.progress import Progress
 from abscot_jax.sampling.protocol import MAX_SEED, SamplingRequest
 from abscot_jax.train.loss import target_roles
@@ -385,10 +384,6 @@ def save_codebook(out_dir: Path, codebooks: np.ndarray, layer: int, stats: dict)
     """`codebook.npz` (codebooks [levels, 64, hidden], layer) and `codebook_stats.json`, each
     written under a temporary name and renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "codebook.npz.tmp"
-    with tmp.open("wb") as f:
+    with replaced(out_dir / "codebook.npz", "wb") as f:
         np.savez(f, codebooks=codebooks.astype(np.float32), layer=np.int64(layer))
-    os.replace(tmp, out_dir / "codebook.npz")
-    tmp = out_dir / "codebook_stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, out_dir / "codebook_stats.json")
+    replace_json(out_dir / "codebook_stats.json", stats)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from abscot_jax import demo, report, rounds  # noqa: E402
 from abscot_jax.data.toy import partial_sums  # noqa: E402
 from abscot_jax.errors import USER_ERRORS, RunError, run_cli  # noqa: E402
+from abscot_jax.files import replace_text  # noqa: E402
 from abscot_jax.stages.context import RunContext  # noqa: E402
 from abscot_jax.variants import mutual_information  # noqa: E402
 from study_tables import TRACE_FILES, figures, plot, render, trace_cells  # noqa: E402
@@ -344,9 +344,7 @@ def main(argv=None) -> int:
 def _write(out: Path, study: dict) -> None:
     """study.json, study.md and study.png, each under a temporary name, then renamed."""
     rounds.write_json(out / "study.json", study)
-    tmp = out / ".study.md.tmp"
-    tmp.write_text(render(study))
-    os.replace(tmp, out / "study.md")
+    replace_text(out / "study.md", render(study))
     plot(study, out / "study.png")
 
 

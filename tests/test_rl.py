@@ -26,6 +26,7 @@ from abscot_jax.config import RLSection, load_config
 from abscot_jax.data.roles import Role
 from abscot_jax.data.toy import write_toy_data
 from abscot_jax.errors import ConfigError, RunError
+from abscot_jax.files import replace_json
 from abscot_jax.fixtures import make_checkpoint
 from abscot_jax.model.lora import LoRAConfig, apply_lora
 from abscot_jax.rl.data import PromptStream, RLPrompt, load_rl_prompts
@@ -447,13 +448,13 @@ def test_rl_settings_may_change_until_the_rl_stage_has_run(tmp_path):
 
     first = ledger("rl.steps=5")
     first.state["done"]["prepare_base"] = {}
-    rounds.replace_json(first.state_path, first.state)
+    replace_json(first.state_path, first.state)
     ledger("rl.steps=6", "rl.kl_weight=0.1")  # finished stages do not depend on rl settings
     with pytest.raises(RunError, match="train.seq_len: 1024 -> 512"):
         ledger("rl.steps=6", "train.seq_len=512")
     second = ledger("rl.steps=6")
     second.state["done"]["rl"] = {}
-    rounds.replace_json(second.state_path, second.state)
+    replace_json(second.state_path, second.state)
     with pytest.raises(RunError, match="rl.steps: 6 -> 7"):
         ledger("rl.steps=7")
 

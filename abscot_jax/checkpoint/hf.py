@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
-import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -26,6 +24,7 @@ from flax import nnx
 
 from abscot_jax.checkpoint.safetensors_io import INDEX_FILE, SafetensorsDir, write_safetensors
 from abscot_jax.errors import CheckpointError
+from abscot_jax.files import temporary_sibling
 from abscot_jax.model.config import DTYPES, Qwen3Config
 from abscot_jax.model.hf_names import HF_GLOBAL_NAMES, HF_LAYER_NAMES, TRANSPOSED, HFSpec, hf_tensor_specs
 from abscot_jax.model.qwen3 import Qwen3
@@ -124,7 +123,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     ensure_new_dir(out_dir, overwrite)
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
         yield tmp

@@ -12,10 +12,10 @@ parameters of one step into it, merges the adapters into the base weights and wr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from abscot_jax.errors import CheckpointError
+from abscot_jax.files import replace_json
 
 PHASE_META = "phase.json"
 CHECKPOINTS = "checkpoints"
@@ -43,10 +43,7 @@ def phase_meta(model, mode: str, train_embedding: bool, base_dir: str | Path | N
 
 
 def write_phase_meta(phase_dir: str | Path, meta: dict) -> None:
-    path = Path(phase_dir) / PHASE_META
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, path)
+    replace_json(Path(phase_dir) / PHASE_META, meta)
 
 
 def find_phase_checkpoint(path: str | Path) -> tuple[Path, Path] | None:

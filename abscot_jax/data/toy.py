@@ -7,11 +7,11 @@ schema (training) and the MATH-500 schema (evaluation), so the demo runs the rea
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from abscot_jax.files import replace_jsonl
 
 
 QUESTION_PREFIX = "Running sum mod 10 of: "
@@ -34,14 +34,6 @@ def partial_sums(question: str) -> list[int]:
     return [int(s) for s in np.cumsum([int(d) for d in question[len(QUESTION_PREFIX):].split()]) % 10]
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def write_toy_data(out_dir: str | Path, *, train_size: int, eval_size: int, min_digits: int = 12,
                    max_digits: int = 12, seed: int = 0) -> tuple[Path, Path]:
     """Write `train.jsonl` (Dolci schema) and `eval.jsonl` (MATH-500 schema); disjoint by seed stream."""
@@ -51,12 +43,12 @@ def write_toy_data(out_dir: str | Path, *, train_size: int, eval_size: int, min_
     train = [running_sum_problem(rng, min_digits, max_digits) for _ in range(train_size)]
     held_out = [running_sum_problem(rng, min_digits, max_digits) for _ in range(eval_size)]
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    _write_jsonl(train_path, (
+    replace_jsonl(train_path, (
         {"id": f"toy-{i}", "dataset_source": "toy_running_sum",
          "messages": [{"role": "user", "content": p["question"]},
                       {"role": "assistant", "content": f"<think>\n{p['cot']}\n</think>\n\n\\boxed{{{p['answer']}}}"}]}
         for i, p in enumerate(train)))
-    _write_jsonl(eval_path, (
+    replace_jsonl(eval_path, (
         {"problem": p["question"], "solution": p["cot"].replace("\n", ", ") + f". \\boxed{{{p['answer']}}}",
          "answer": p["answer"], "subject": "Running sums", "level": 1, "unique_id": f"toy-eval-{i}"}
         for i, p in enumerate(held_out)))

@@ -33,9 +33,7 @@ beats a random one by more than the own accuracy's confidence interval.
 from __future__ import annotations
 
 import collections
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +43,7 @@ import numpy as np
 from abscot_jax.data.sequences import COT_CLOSE, COT_OPEN, EVAL_SYSTEM_PROMPT, example_rng, render_prompt
 from abscot_jax.eval.grading import is_correct, last_boxed
 from abscot_jax.eval.stats import bootstrap_ci, distinct_count, length_histogram, pass_at_1, token_entropy
+from abscot_jax.files import replace_json, replace_jsonl
 from abscot_jax.progress import duration, labelled, say
 from abscot_jax.sampling.protocol import FINISH_REASONS, SamplingRequest
 
@@ -302,20 +301,13 @@ def verdict(diag: dict) -> str:
 
 # ---- files ------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A reader never sees half a file: write a temporary name, then rename.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: str | Path, records: list[dict], summary: dict) -> tuple[Path, Path]:
     """Write `results.jsonl` (one record a line) and `summary.json` into `out_dir`, atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path, summary_path = out_dir / RESULTS_FILE, out_dir / SUMMARY_FILE
-    _write_atomic(results_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _write_atomic(summary_path, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    replace_jsonl(results_path, records)
+    replace_json(summary_path, summary)
     return results_path, summary_path
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from abscot_jax.files import replace_jsonl
 
 MODES = ("verbal", "trace", "trace_answer")
 TRACE_MODES = ("trace", "trace_answer")
@@ -188,15 +189,6 @@ def make_result(request: SamplingRequest, token_ids: Sequence[int], finish_reaso
 
 # ---- JSONL files ------------------------------------------------------------------------------
 
-def _write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    # Write to a temporary name, then rename: a reader never sees half a file.
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
 
 def _read_jsonl(path: str | Path) -> list[tuple[int, dict | None, str | None]]:
     """(line number, object or None, parse error or None) per non-blank line."""
@@ -214,7 +206,7 @@ def _read_jsonl(path: str | Path) -> list[tuple[int, dict | None, str | None]]:
 
 
 def write_requests(path: str | Path, requests: Iterable[SamplingRequest]) -> None:
-    _write_jsonl(path, (dataclasses.asdict(r) for r in requests))
+    replace_jsonl(path, (dataclasses.asdict(r) for r in requests))
 
 
 def read_requests(path: str | Path) -> list[SamplingRequest | SamplingResult]:
@@ -234,7 +226,7 @@ def read_requests(path: str | Path) -> list[SamplingRequest | SamplingResult]:
 
 
 def write_results(path: str | Path, results: Iterable[SamplingResult]) -> None:
-    _write_jsonl(path, (dataclasses.asdict(r) for r in results))
+    replace_jsonl(path, (dataclasses.asdict(r) for r in results))
 
 
 def read_results(path: str | Path) -> list[SamplingResult]:

@@ -12,7 +12,7 @@ from abscot_jax.config import RunConfig
 from abscot_jax.data.dolci import load_dolci
 from abscot_jax.data.sequences import SequenceBuilder
 from abscot_jax.errors import RunError
-from abscot_jax.rounds import replace_json
+from abscot_jax.files import replace_json
 from abscot_jax.sampling.engines import make_engine
 from abscot_jax.sharding import sync_processes
 

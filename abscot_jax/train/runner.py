@@ -21,6 +21,7 @@ from flax import nnx
 from abscot_jax.config import RunConfig
 from abscot_jax.data.pipeline import make_dataset
 from abscot_jax.errors import ConfigError
+from abscot_jax.files import replace_jsonl
 from abscot_jax.progress import Progress
 from abscot_jax.train.flops import peak_tflops, throughput
 from abscot_jax.train.step import BATCH_KEYS, TrainStep, trainable_filter
@@ -57,9 +58,7 @@ class MetricsLog:
                             if r["step"] <= resume_step]
         self.tb = None
         if jax.process_index() == 0:
-            tmp = self.path.with_name(self.path.name + ".tmp")  # replaced whole: other processes read it now
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            tmp.replace(self.path)
+            replace_jsonl(self.path, self.records)  # replaced whole: other processes read it now
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
