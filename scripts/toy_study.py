@@ -274,8 +274,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     cfg = variant_config(out, SHARED, args, shared_settings)
-    for name in names:
-        variant_config(out, name, args, shared_settings)  # every run's settings are valid before anything runs
+    arm_cfgs = {name: variant_config(out, name, args, shared_settings) for name in names}  # all valid before any runs
     demo.prepare_inputs(cfg, out / SHARED, train_size=args.toy_rows)
     shared = rounds.Ledger(cfg)
     with shared.forwarding_signals():
@@ -292,14 +291,17 @@ def main(argv=None) -> int:
              "reference": report.load_run(shared.dir)["baselines"],
              "shared_seconds": shared.state.get("seconds", {}), "variants": {}}
     d, e = cfg.data, cfg.eval
+    arm_sizes = "; ".join(
+        f"{name}: {c.rounds} round(s), {c.data.examples_per_phase} examples a phase, Phase A {c.train.epochs} "
+        f"epoch(s), Phase B {c.train.phase_b_epochs or c.train.epochs}, {c.eval.limit or 'all'} held-out problems"
+        for name, c in arm_cfgs.items() if not (name in RL and c.rl.mode == "verbal"))
     study["settings_line"] = (
         f"Tiny Qwen3 ({demo.TINY_MODEL['num_hidden_layers']} layers, hidden {demo.TINY_MODEL['hidden_size']}), "
         f"running sums mod 10 of {demo.TOY_TASK['min_digits']}-{demo.TOY_TASK['max_digits']} digits; shared warm-up on "
-        f"{d.warmup_examples} examples; {args.rounds} round(s) per variant, {d.examples_per_phase} examples per phase; "
-        f"best_of_k k={args.k}; {e.limit or 'all'} held-out problems; eval trace m_min {e.m_min}, m_max {d.m_max}, "
-        f"temperature {e.trace_temperature}.")
-    for name in names:
-        vcfg = variant_config(out, name, args, shared_settings)
+        f"{d.warmup_examples} examples, baselines on {e.limit or 'all'} held-out problems; eval trace m_min {e.m_min}, "
+        f"m_max {d.m_max}, temperature {e.trace_temperature}; best_of_k k={args.k}."
+        + (f" Per arm: {arm_sizes}." if arm_sizes else ""))
+    for name, vcfg in arm_cfgs.items():
         vcfg.model.hf_dir, vcfg.data.train, vcfg.data.eval = cfg.model.hf_dir, cfg.data.train, cfg.data.eval
         share_start(shared, out / name)
         if name in RL_FROM:
