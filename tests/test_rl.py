@@ -512,12 +512,7 @@ def safetensors_bytes(model_dir: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted(model_dir.glob("*.safetensors"))]
 
 
-@pytest.mark.slow
-def test_rl_stage_resumed_after_sigkill_ends_with_the_same_weights(tmp_path, toy_files):
-    """`--stage rl` (abstract mode) through the ledger: the stage needs the last round's model; run,
-    it prints the reward at its first and last step; SIGKILLed after step 3 of 4 and rerun, it
-    resumes from the checkpoint of step 2 and ends bit-identical to the uninterrupted run. The
-    rl_eval stage then evaluates the trained model with the trace diagnostics."""
+def tiny_rl_config(tmp_path, toy_files) -> Path:
     make_checkpoint(tmp_path / "fixture", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1)
     train, evaluation = toy_files
@@ -532,16 +527,48 @@ def test_rl_stage_resumed_after_sigkill_ends_with_the_same_weights(tmp_path, toy
         "rl": {"mode": "abstract", "reward": "toy", "prompts_per_step": 2, "rollouts_per_prompt": 3, "steps": 4,
                "updates_per_step": 2, "learning_rate": 1e-2, "length_penalty": 0.5, "max_new_tokens": 16,
                "rollout_batch": 4, "checkpoint_every": 2}}))
+    return config
 
-    runs = {}
-    for name in ("reference", "killed"):
-        root = tmp_path / name / "runs"
-        missing = train_command(config, root)
-        assert missing.returncode == 2, missing.stderr[-3000:]
-        assert missing.stderr.strip().splitlines()[-1] == (
-            "error: stage rl needs round_1/model_b, which is not there; run the stages before it first")
-        shutil.copytree(root / "rl" / "base", root / "rl" / "round_1" / "model_b")  # as if round 1 had run
-        runs[name] = root / "rl"
+
+def run_ready_for_rl(config: Path, root: Path) -> Path:
+    """`--stage rl` on a fresh run stops for want of round 1's model; with the base model in its
+    place (as if round 1 had run) the run directory is ready for the rl stage."""
+    missing = train_command(config, root)
+    assert missing.returncode == 2, missing.stderr[-3000:]
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "error: stage rl needs round_1/model_b, which is not there; run the stages before it first")
+    shutil.copytree(root / "rl" / "base", root / "rl" / "round_1" / "model_b")
+    return root / "rl"
+
+
+@pytest.mark.slow
+def test_the_rl_stage_refuses_several_processes_with_one_line(tmp_path, toy_files):
+    """Two JAX processes over localhost start the rl stage: each stops with one error line before
+    it samples (its rollouts are read on one host)."""
+    run = run_ready_for_rl(tiny_rl_config(tmp_path, toy_files), tmp_path / "runs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "abscot_jax.stages", str(run), "rl"], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+                                   "ABSCOT_COORDINATOR": f"127.0.0.1:{port}", "ABSCOT_NUM_PROCESSES": "2",
+                                   "ABSCOT_PROCESS_ID": str(i)}) for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith("error: the rl stage runs in one process"), err[-3000:]
+    assert not (run / "rl").exists()
+
+
+@pytest.mark.slow
+def test_rl_stage_resumed_after_sigkill_ends_with_the_same_weights(tmp_path, toy_files):
+    """`--stage rl` (abstract mode) through the ledger: the stage needs the last round's model; run,
+    it prints the reward at its first and last step; SIGKILLed after step 3 of 4 and rerun, it
+    resumes from the checkpoint of step 2 and ends bit-identical to the uninterrupted run. The
+    rl_eval stage then evaluates the trained model with the trace diagnostics."""
+    config = tiny_rl_config(tmp_path, toy_files)
+    runs = {name: run_ready_for_rl(config, tmp_path / name / "runs") for name in ("reference", "killed")}
 
     reference = train_command(config, runs["reference"].parent)
     assert reference.returncode == 0, reference.stderr[-3000:]
